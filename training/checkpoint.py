@@ -1,0 +1,196 @@
+"""Checkpoint format: weights as safetensors plus a JSON sidecar that says how to rebuild and use them.
+
+A checkpoint is a folder:
+
+- ``model.safetensors``: the model's state dict (routers, when trained, under the ``routers.`` prefix).
+- ``checkpoint.json``: :class:`CheckpointMeta` (architecture, classes, counts, groups, input, config, metrics,
+  versions). Written last, so a folder with a sidecar always has the weights it describes.
+- ``train_state.safetensors``: optimizer state for ``--resume`` (SGD momentum buffers, keyed by parameter name).
+
+Nothing is pickled: loading a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.atomic import atomic_write, atomic_write_json
+from training.config import ModelConfig, RouterConfig, TrainConfig
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+TRAIN_STATE_FILE = "train_state.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or incompatible with the request."""
+
+
+class InputInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+
+
+class RouterInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_z: int
+    hidden: int
+    threshold: float = Field(ge=0.0, le=1.0, description="Chosen decision threshold; the service's default.")
+    threshold_source: str = "default"
+
+
+class CheckpointMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    stage: Literal["experts", "routers", "distilled"] = "experts"
+    model: ModelConfig
+    num_classes: int
+    class_names: list[str]
+    class_counts: list[int]
+    class_groups: list[Literal["many", "medium", "few"]]
+    input: InputInfo
+    config: TrainConfig
+    epoch: int = Field(description="Last completed epoch of the stage that wrote this checkpoint.")
+    epochs: int = Field(description="Epochs planned for that stage.")
+    complete: bool = Field(description="False while training is still running (a resumable intermediate state).")
+    routers: RouterInfo | None = None
+    router_config: RouterConfig | None = None
+    metrics: dict[str, Any] | None = None
+    parent: str | None = Field(None, description="sha256 of the weights this checkpoint was trained from.")
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = ""
+
+
+def tool_versions() -> dict[str, str]:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ride_serve": version("ride-serve")}
+
+
+def weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def save_checkpoint(folder: Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
+    """Write weights, then the sidecar, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _contiguous_cpu(state_dict)
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"epoch": str(meta.epoch)}))
+    save_meta(folder, meta)
+
+
+def save_meta(folder: Path, meta: CheckpointMeta) -> None:
+    """(Re)write the sidecar alone, e.g. to record new evaluation metrics."""
+    stamped = meta.model_copy(update={"versions": tool_versions(), "created_at": datetime.now(UTC).isoformat()})
+    atomic_write_json(Path(folder) / META_FILE, json.loads(stamped.model_dump_json()))
+
+
+def load_meta(folder: Path) -> CheckpointMeta:
+    folder = Path(folder)
+    path = folder / META_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {META_FILE}: not a checkpoint written by `python -m training.run`")
+    try:
+        return CheckpointMeta.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise CheckpointError(f"{path} is not a valid checkpoint sidecar:\n{error}") from None
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupt or unreadable ({error}); re-train or restore it") from None
+
+
+def load_checkpoint(folder: Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
+    meta = load_meta(folder)
+    return meta, load_weights(folder)
+
+
+def split_state(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a state dict into (keys under ``prefix``, with it stripped) and the rest."""
+    inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return inside, rest
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load with a message that says which keys differ instead of a torch traceback."""
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[:3]})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+    if problems:
+        raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(problems))
+
+
+def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, names: dict[int, str], epoch: int) -> None:
+    """Save SGD momentum buffers keyed by parameter name (no pickle)."""
+    tensors = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                tensors[f"momentum.{names[id(param)]}"] = buffer
+    atomic_write(
+        Path(folder) / TRAIN_STATE_FILE,
+        lambda tmp: save_file(_contiguous_cpu(tensors), str(tmp), metadata={"epoch": str(epoch)}),
+    )
+
+
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> int:
+    """Restore momentum buffers; return the epoch they belong to."""
+    path = Path(folder) / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {TRAIN_STATE_FILE}: nothing to resume (train without --resume)")
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            epoch = int(json.loads(handle.read(header_len))["__metadata__"]["epoch"])
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path} is corrupt ({error})") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            key = f"momentum.{names[id(param)]}"
+            if key in tensors:
+                optimizer.state[param]["momentum_buffer"] = tensors[key].to(param.device)
+    return epoch

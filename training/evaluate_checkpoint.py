@@ -1,0 +1,45 @@
+"""Rebuild a model from a checkpoint folder and evaluate it on its test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.checkpoint import CheckpointMeta, load_checkpoint, load_into, save_meta
+from training.data import DataError, load_data
+from training.evaluate import evaluate_model, print_summary, write_report
+from training.models import RIDEModel, build_model
+from training.runtime import resolve_device
+
+
+def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict[str, torch.Tensor]]:
+    """The stage-1 model with its weights loaded, the sidecar, and the weights not used by it (routers)."""
+    meta, weights = load_checkpoint(folder)
+    model = build_model(meta.model, meta.num_classes)
+    own = {k: v for k, v in weights.items() if k in model.state_dict()}
+    rest = {k: v for k, v in weights.items() if k not in own}
+    load_into(model, own, f"checkpoint {folder}")
+    model.eval()
+    return model, meta, rest
+
+
+def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_choice: str = "auto") -> dict[str, Any]:
+    """Evaluate, print a summary, write ``metrics.json`` and the plot, and store the metrics in the sidecar."""
+    device = resolve_device(device_choice)
+    model, meta, _ = model_from_checkpoint(folder)
+    model.to(device)
+    data = load_data(meta.config.data, data_dir)
+    if data.class_names != meta.class_names:
+        raise DataError(
+            f"the data's classes {data.class_names[:5]}... differ from the checkpoint's {meta.class_names[:5]}...: "
+            "point --data-dir at the dataset the model was trained on"
+        )
+    metrics = evaluate_model(model, data, meta, device=device)
+    if meta.metrics and "training" in meta.metrics:
+        metrics["training"] = meta.metrics["training"]
+    write_report(folder, metrics, meta)
+    save_meta(folder, meta.model_copy(update={"metrics": metrics}))
+    print_summary(metrics, title=f"{meta.name} (epoch {meta.epoch}) on the test split")
+    return metrics

@@ -1,0 +1,91 @@
+"""Command line: ``python -m training.run {train,evaluate,route,distill} ...``.
+
+Every expected failure (bad config, bad data, bad checkpoint) ends with one ``error:`` line and exit status 2,
+never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import DataError
+
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def _config_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--config", type=Path, required=required, help="TOML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set schedule.epochs=20 (repeatable)",
+    )
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (overrides data.root)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides runtime.device")
+
+
+def _with_runtime(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    if args.device is None:
+        return cfg
+    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"device": args.device})})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.train import train
+
+    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    out = args.out or Path("runs") / cfg.name
+    train(cfg, out=out, data_dir=args.data_dir, resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate_checkpoint import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device_choice=args.device or "auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="stage 1: train the experts (or a baseline)")
+    _config_arguments(train, required=False)
+    _common_arguments(train)
+    train.add_argument("--out", type=Path, help="checkpoint folder (default runs/<name>)")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on its test split")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    _common_arguments(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except EXPECTED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last saved checkpoint is intact; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

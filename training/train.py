@@ -1,0 +1,260 @@
+"""Stage 1: train the shared trunk and the experts (RIDE), or a one-expert baseline.
+
+The loop is one readable function (:func:`train`); one epoch is :func:`train_one_epoch`. Everything random
+during training is derived from ``(seed, epoch)``, so ``--resume`` from an epoch boundary reproduces an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from training.atomic import append_jsonl
+from training.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    InputInfo,
+    load_checkpoint,
+    load_into,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
+from training.config import ConfigError, TrainConfig
+from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
+from training.evaluate import evaluate_model, print_summary, write_report
+from training.losses import ExpertLoss, build_loss
+from training.models import RIDEModel, build_model
+from training.runtime import Runtime, all_reduce_sum, start_runtime, stop_runtime
+from training.schedule import drw_epoch, lr_factor, resolve_schedule
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """One seed per (run seed, epoch, rank): resuming at an epoch boundary replays the same randomness."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
+
+
+def logit_scale(cfg: TrainConfig) -> float:
+    """The factor the model applies to its logits (LDAM margins are multiplied by it)."""
+    return cfg.model.scale if cfg.model.classifier == "cosine" else 1.0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loss_fn: ExpertLoss,
+    optimizer: torch.optim.Optimizer,
+    train_set: ImageSet,
+    augment: BatchAugment,
+    *,
+    cfg: TrainConfig,
+    epoch: int,
+    runtime: Runtime,
+    progress: bool,
+) -> EpochStats:
+    model.train()
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.runtime.seed, epoch, runtime.rank))
+    batches = iterate_batches(
+        len(train_set), cfg.optim.batch_size, shuffle=True, seed=cfg.runtime.seed, epoch=epoch, drop_last=False
+    )
+    device, use_amp = runtime.device, cfg.runtime.amp and runtime.device.type == "cuda"
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+    started = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.schedule.epochs}", leave=False, disable=not progress, unit="batch")
+    for indices in bar:
+        # Each rank takes its share of the global batch, so the global batch is the same at any world size.
+        indices = indices[runtime.rank :: runtime.world_size]
+        images = augment(train_set.images[indices].to(device, non_blocking=True), generator)
+        if cfg.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = train_set.labels[indices].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs = model(images)
+        loss = loss_fn(outputs.logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            correct = (outputs.logits.float().mean(dim=1).argmax(dim=1) == targets).sum()
+            totals += torch.stack([loss.detach() * len(targets), correct, torch.tensor(len(targets))]).cpu().double()
+        seen = totals[2].item()
+        bar.set_postfix(
+            loss=f"{totals[0].item() / seen:.3f}",
+            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            img_s=f"{seen * runtime.world_size / (time.perf_counter() - started):.0f}",
+        )
+    totals = all_reduce_sum(totals, runtime)
+    seconds = time.perf_counter() - started
+    return EpochStats(totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), int(totals[2]), seconds)
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _build_meta(cfg: TrainConfig, data: LongTailData, epoch: int, complete: bool) -> CheckpointMeta:
+    return CheckpointMeta(
+        name=cfg.name,
+        stage="experts",
+        model=cfg.model,
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+        class_counts=data.class_counts,
+        class_groups=class_groups(data.class_counts, cfg.data.many_shot_above, cfg.data.few_shot_below),
+        input=InputInfo(image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std),
+        config=cfg,
+        epoch=epoch,
+        epochs=cfg.schedule.epochs,
+        complete=complete,
+    )
+
+
+def _check_resumable(cfg: TrainConfig, meta: CheckpointMeta, data: LongTailData) -> None:
+    if meta.model != cfg.model:
+        raise ConfigError(
+            "cannot resume: the checkpoint's architecture differs from the config "
+            f"(checkpoint: {meta.model.model_dump()}, config: {cfg.model.model_dump()}); "
+            "resume with the original config or train into a new --out folder"
+        )
+    if meta.class_names != data.class_names or meta.class_counts != data.class_counts:
+        raise ConfigError("cannot resume: the training data (classes or counts) differ from the interrupted run")
+    if meta.complete:
+        raise ConfigError(f"the run in {meta.name!r} already finished (epoch {meta.epoch}); nothing to resume")
+
+
+def prepare_output(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished or interrupted run unless resuming it."""
+    has_checkpoint = (out / META_FILE).is_file()
+    if resume and not has_checkpoint:
+        raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
+    if not resume and has_checkpoint:
+        raise CheckpointError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out (nothing was "
+            "overwritten)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig, *, out: Path, data_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train stage 1 into ``out`` (a checkpoint folder) and evaluate the last epoch on the test split."""
+    runtime = start_runtime(cfg.runtime.device, cfg.runtime.num_threads)
+    try:
+        return _train(cfg, out=Path(out), data_dir=data_dir, resume=resume, runtime=runtime)
+    finally:
+        stop_runtime(runtime)
+
+
+def _train(cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime) -> Path:
+    if runtime.is_main:
+        prepare_output(out, resume)
+    schedule = resolve_schedule(cfg.schedule)
+    data = load_data(cfg.data, data_dir, progress=runtime.is_main)
+    torch.manual_seed(cfg.runtime.seed)
+    model: RIDEModel = build_model(cfg.model, data.num_classes)
+    loss_fn = build_loss(cfg.loss, data.class_counts, logit_scale(cfg), drw_epoch(cfg.loss, schedule))
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        nesterov=cfg.optim.nesterov,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    start_epoch = 1
+    if resume:
+        meta, weights = load_checkpoint(out)
+        _check_resumable(cfg, meta, data)
+        load_into(model, weights, f"checkpoint {out}")
+        start_epoch = load_train_state(out, optimizer, _parameter_names(model)) + 1
+    model.to(runtime.device)
+    loss_fn.to(runtime.device)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            state[key] = value.to(runtime.device)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_set = ImageSet(data.train.images.to(runtime.device), data.train.labels.to(runtime.device))
+    net: nn.Module = DistributedDataParallel(model) if runtime.distributed else model
+    augment = BatchAugment.from_config(cfg.data)
+    if runtime.is_main:
+        print(
+            f"training {cfg.name}: {cfg.model.arch} x{cfg.model.num_experts} on {len(data.train)} images "
+            f"({data.num_classes} classes), epochs {start_epoch}..{schedule.epochs}, device {runtime.device}"
+            + (f", {runtime.world_size} processes" if runtime.distributed else "")
+        )
+    epochs_bar = tqdm(range(start_epoch, schedule.epochs + 1), desc="train", unit="epoch", disable=not runtime.is_main)
+    for epoch in epochs_bar:
+        lr = cfg.optim.lr * lr_factor(epoch, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_fn.set_epoch(epoch)
+        stats = train_one_epoch(
+            net,
+            loss_fn,
+            optimizer,
+            train_set,
+            augment,
+            cfg=cfg,
+            epoch=epoch,
+            runtime=runtime,
+            progress=runtime.is_main,
+        )
+        if not runtime.is_main:
+            continue
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "images_per_second": stats.images_per_second,
+            "seconds": stats.seconds,
+            "drw_active": loss_fn.drw_active,
+        }
+        append_jsonl(out / LOG_FILE, record)
+        epochs_bar.set_postfix(
+            loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", img_s=f"{stats.images_per_second:.0f}"
+        )
+        if epoch % cfg.runtime.checkpoint_every == 0 and epoch < schedule.epochs:
+            save_train_state(out, optimizer, _parameter_names(model), epoch)
+            save_checkpoint(out, model.state_dict(), _build_meta(cfg, data, epoch, complete=False))
+    if not runtime.is_main:
+        return out
+    meta = _build_meta(cfg, data, schedule.epochs, complete=True)
+    metrics = evaluate_model(model, data, meta, device=runtime.device)
+    metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": record_last(out)}
+    save_train_state(out, optimizer, _parameter_names(model), schedule.epochs)
+    meta = meta.model_copy(update={"metrics": metrics})
+    save_checkpoint(out, model.state_dict(), meta)
+    write_report(out, metrics, meta)
+    print_summary(metrics, title=f"{cfg.name}: last epoch ({schedule.epochs}) on the test split")
+    return out
+
+
+def record_last(out: Path) -> dict | None:
+    """The last line of the run's JSON-lines log."""
+    path = out / LOG_FILE
+    if not path.is_file():
+        return None
+    lines = path.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
