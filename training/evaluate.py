@@ -2,11 +2,18 @@
 
 Group accuracy is the unweighted mean of the per-class accuracies in the group (the reference's definition);
 overall accuracy is the sample accuracy.
+
+A checkpoint with routers is also evaluated as the early-exit cascade (``metrics["routed"]``): the per-expert
+outputs are computed once and the cascade is replayed on them (``cascade_from_outputs``), which gives exactly
+what running the experts only on the surviving images gives, because every image's answer depends only on its
+own outputs. The compute actually spent is counted per image (REFERENCE-RIDE.md 6, trap 19): shared trunk +
+the experts it ran + the routers it evaluated, in thop-rule MACs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +22,9 @@ import torch
 from training.atomic import atomic_write, atomic_write_json
 from training.checkpoint import CheckpointMeta
 from training.data import ImageSet, LongTailData, normalize
-from training.macs import model_macs
+from training.macs import count_macs, model_macs
 from training.models import ExpertOutputs, RIDEModel
+from training.models.router import Routers, cascade_from_outputs
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_PLOT = "per_class_accuracy.png"
@@ -77,16 +85,43 @@ def accuracy_metrics(
 
 
 def evaluate_model(
-    model: RIDEModel, data: LongTailData, meta: CheckpointMeta, *, device: torch.device
+    model: RIDEModel,
+    data: LongTailData,
+    meta: CheckpointMeta,
+    *,
+    device: torch.device,
+    routers: Routers | None = None,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Metrics of the all-experts model on the test split, per-expert accuracy, parameters and MACs."""
+    """Metrics of the all-experts model on the test split, per-expert accuracy, parameters and MACs; with
+    ``routers`` also the routed cascade at ``threshold`` (``metrics["routed"]``)."""
     outputs = predict(model, data.test.images, mean=meta.input.mean, std=meta.input.std, device=device)
-    return {
+    return metrics_from_outputs(model, outputs, data.test, meta, routers=routers, threshold=threshold)
+
+
+def metrics_from_outputs(
+    model: RIDEModel,
+    outputs: ExpertOutputs,
+    test: ImageSet,
+    meta: CheckpointMeta,
+    *,
+    routers: Routers | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """:func:`evaluate_model` on outputs already predicted (so a caller that needs them too predicts once)."""
+    metrics: dict[str, Any] = {
         "split": "test",
-        "num_images": len(data.test),
-        "all_experts": evaluate_outputs(outputs, data.test, meta.class_names, meta.class_groups),
+        "num_images": len(test),
+        "all_experts": evaluate_outputs(outputs, test, meta.class_names, meta.class_groups),
         "cost": cost_metrics(model, meta.input.image_size),
     }
+    if routers is not None:
+        cost = cascade_cost(model, routers, meta.input.image_size)
+        metrics["cost"]["macs_per_image"]["routers"] = cost.routers
+        metrics["routed"] = routed_metrics(
+            outputs, test.labels, meta.class_names, meta.class_groups, routers, threshold=threshold, cost=cost
+        )
+    return metrics
 
 
 def evaluate_outputs(
@@ -107,6 +142,106 @@ def cost_metrics(model: RIDEModel, image_size: int) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "macs_per_image": {"shared": macs.shared, "experts": macs.experts, "total": macs.total},
     }
+
+
+@dataclass(frozen=True)
+class CascadeCost:
+    """MACs per image of the parts of an early-exit cascade: shared trunk, each expert, each router."""
+
+    shared: int
+    experts: list[int]
+    routers: list[int]
+
+    @property
+    def full(self) -> int:
+        """Every part run on every image: all experts plus all routers (the denominator of relative compute)."""
+        return self.shared + sum(self.experts) + sum(self.routers)
+
+    def per_image(self, used: torch.Tensor, max_experts: int | None = None) -> torch.Tensor:
+        """MACs (float64) each image spent when it ran ``used`` experts in a cascade limited to ``max_experts``.
+
+        An image that stopped after k < limit experts evaluated k routers (the last one said stop); one that
+        reached the limit evaluated limit - 1 (no router runs after the last allowed expert).
+        """
+        limit = len(self.experts) if max_experts is None else max(1, min(max_experts, len(self.experts)))
+        expert_cum = torch.tensor([0, *self.experts], dtype=torch.float64).cumsum(0)
+        router_cum = torch.tensor([0, *self.routers], dtype=torch.float64).cumsum(0)
+        used = used.cpu().long()
+        routers_run = torch.where(used < limit, used, limit - 1) if self.routers else torch.zeros_like(used)
+        return self.shared + expert_cum[used] + router_cum[routers_run]
+
+
+def router_macs(routers: Routers) -> list[int]:
+    """MACs per image of each router (thop rules via :func:`count_macs` on ``Routers.single(k)``)."""
+    parameter = next(routers.parameters())
+    mean_logits = torch.ones(1, routers.num_classes, device=parameter.device)
+    feature = torch.ones(1, routers.feature_dim, device=parameter.device)
+    return [count_macs(routers.single(k), mean_logits, feature) for k in range(routers.num_experts - 1)]
+
+
+def cascade_cost(model: RIDEModel, routers: Routers | None, image_size: int) -> CascadeCost:
+    """Per-part MACs of ``model`` (and its routers, if any) on one ``image_size`` image."""
+    macs = model_macs(model, image_size)
+    return CascadeCost(macs.shared, list(macs.experts), router_macs(routers) if routers is not None else [])
+
+
+def _per_group(values: torch.Tensor, labels: torch.Tensor, groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``values`` of the images whose true class is in each group (and of all images under "overall")."""
+    sample_group = [groups[c] for c in labels.tolist()]
+    selected = {"overall": values}
+    for group in GROUPS:
+        mask = torch.tensor([g == group for g in sample_group], dtype=torch.bool)
+        selected[group] = values[mask]
+    return selected
+
+
+def routed_metrics(
+    outputs: ExpertOutputs,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    groups: Sequence[str],
+    routers: Routers,
+    *,
+    threshold: float,
+    cost: CascadeCost,
+    max_experts: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy, experts used and MACs spent by the early-exit cascade at ``threshold``.
+
+    Groups of the histogram and of the mean experts used are those of each image's true class.
+    """
+    num_experts = outputs.logits.shape[1]
+    final, used, _ = cascade_from_outputs(
+        outputs.logits, outputs.features, routers, threshold=threshold, max_experts=max_experts
+    )
+    metrics = accuracy_metrics(final.argmax(dim=1).cpu(), labels, class_names, groups)
+    used = used.cpu()
+    spent = cost.per_image(used, max_experts)
+    histogram, counts, mean_used, mean_macs = {}, {}, {}, {}
+    for key, values in _per_group(torch.stack([used.double(), spent], 1), labels, groups).items():
+        group_used = values[:, 0].long()
+        count = torch.bincount(group_used - 1, minlength=num_experts)[:num_experts] if len(values) else None
+        counts[key] = count.tolist() if count is not None else [0] * num_experts
+        histogram[key] = (count.double() / len(values)).tolist() if count is not None else None
+        mean_used[key] = values[:, 0].mean().item() if len(values) else None
+        mean_macs[key] = values[:, 1].mean().item() if len(values) else None
+    mean_spent = spent.mean().item()
+    metrics.update(
+        {
+            "threshold": threshold,
+            "max_experts": num_experts if max_experts is None else max_experts,
+            "mean_experts_used": mean_used["overall"],
+            "mean_experts_used_per_group": {g: mean_used[g] for g in GROUPS},
+            "experts_used_histogram": histogram,
+            "experts_used_counts": counts,
+            "mean_macs_per_image": mean_spent,
+            "mean_macs_per_image_per_group": {g: mean_macs[g] for g in GROUPS},
+            "macs_all_experts_and_routers": cost.full,
+            "relative_compute": mean_spent / cost.full,
+            "relative_compute_vs_plain_model": mean_spent / (cost.shared + sum(cost.experts)),
+        }
+    )
+    return metrics
 
 
 def plot_per_class(path: Path, metrics: dict[str, Any], meta: CheckpointMeta) -> None:
@@ -170,4 +305,9 @@ def print_summary(metrics: dict[str, Any], title: str) -> None:
             f"  routed: mean experts {routed['mean_experts_used']:.3f}, relative compute "
             f"{routed['relative_compute']:.3f} at threshold {routed['threshold']}"
         )
+        if "experts_used_histogram" in routed:
+            for key, shares in routed["experts_used_histogram"].items():
+                if shares is not None:
+                    text = " / ".join(f"{100 * share:.1f}" for share in shares)
+                    lines.append(f"    images using 1..E experts (%), {key:<8} {text}")
     print("\n".join(lines))

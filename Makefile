@@ -1,0 +1,55 @@
+# One entry point per job. Each target creates the environment it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+SERVE_VENV ?= .venv-serve
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+MODEL_DIR ?= models/cifar10-lt-ride4
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: help dev serve-env serve test lint format train-demo bench clean
+
+help:
+	@echo "make serve       install the service (onnxruntime, no torch) and serve $(MODEL_DIR) on $(HOST):$(PORT)"
+	@echo "make test        install everything (torch CPU, onnxruntime, service, dev tools) and run lint + tests"
+	@echo "make train-demo  train a small RIDE model on CIFAR-10-LT for 2 epochs (runs/demo)"
+	@echo "make bench       run the benchmarks in bench/ (they print; they are not tests)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[train,serve,dev]'
+	touch $@
+
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -e '.[serve,cpu]'
+	touch $@
+
+dev: $(VENV)/.installed
+
+serve-env: $(SERVE_VENV)/.installed
+
+serve: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/python -m service --model-dir $(MODEL_DIR) --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
+
+train-demo: $(VENV)/.installed
+	$(VENV)/bin/python -m training.run train --config configs/cifar10_lt_ride3.toml --set schedule.epochs=2 --out runs/demo
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache

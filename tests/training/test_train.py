@@ -1,0 +1,179 @@
+"""Stage-1 training end to end on real CIFAR-10 JPEGs: it learns, resumes exactly, runs under DDP, and fails
+cleanly on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import train as train_module
+from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
+from training.config import load_config
+from training.evaluate import METRICS_FILE, PER_CLASS_PLOT
+from training.train import LOG_FILE, train
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ("airplane", "automobile", "frog", "ship")
+
+
+@pytest.fixture(scope="module")
+def small_folder(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 real CIFAR-10 classes, 150 training and 50 test images each (symlinks to the shared JPEGs)."""
+    root = tmp_path_factory.mktemp("small-cifar")
+    for split, count in (("train", 150), ("test", 50)):
+        for name in CLASSES:
+            target = root / split / name
+            target.mkdir(parents=True)
+            for source in sorted((cifar10_dir / split / name).iterdir())[:count]:
+                (target / source.name).symlink_to(source)
+    return root
+
+
+def _overrides(folder: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "data.dataset=folder",
+        f'data.root="{folder}"',
+        f'data.cache_dir="{tmp_path / "cache"}"',
+        "data.imbalance_profile=none",
+        "optim.batch_size=50",
+        "runtime.device=cpu",
+        *extra,
+    ]
+
+
+def _config(folder: Path, tmp_path: Path, *extra: str):
+    return load_config(REPO / "configs" / "cifar10_lt_ride3.toml", _overrides(folder, tmp_path, *extra))
+
+
+def test_short_run_beats_chance_and_writes_everything(small_folder: Path, tmp_path: Path) -> None:
+    cfg = _config(
+        small_folder,
+        tmp_path,
+        "model.num_experts=2",
+        "schedule.epochs=6",
+        "schedule.warmup_epochs=1",
+        "schedule.milestones=[5, 6]",
+        "optim.lr=0.05",
+        "data.rotation_degrees=0",
+    )
+    out = train(cfg, out=tmp_path / "run")
+    meta, weights = load_checkpoint(out)
+    assert meta.complete and meta.epoch == 6 and meta.class_names == list(CLASSES)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    # Chance is 25 % on 4 balanced classes.
+    assert metrics["all_experts"]["top1"] > 0.45, metrics["all_experts"]["top1"]
+    assert len(metrics["all_experts"]["confusion_matrix"]) == 4
+    assert metrics["cost"]["parameters"] == sum(
+        v.numel() for k, v in weights.items() if "running" not in k and "num_batches" not in k
+    )
+    assert metrics["cost"]["macs_per_image"]["total"] > 0
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert (out / PER_CLASS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_reproduces_the_uninterrupted_run(
+    small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("model.num_experts=2", "schedule.epochs=3", "runtime.checkpoint_every=1", "optim.batch_size=100")
+    cfg = _config(small_folder, tmp_path, *extra)
+    straight = train(cfg, out=tmp_path / "straight")
+
+    real_epoch = train_module.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if kwargs["epoch"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "resumed")
+    assert load_meta(tmp_path / "resumed").epoch == 2 and not load_meta(tmp_path / "resumed").complete
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    train(cfg, out=tmp_path / "resumed", resume=True)
+
+    _, expected = load_checkpoint(straight)
+    _, actual = load_checkpoint(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+    assert not different, different[:5]
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_ddp_two_processes_on_cpu(small_folder: Path, tmp_path: Path) -> None:
+    overrides = _overrides(small_folder, tmp_path, "model.num_experts=2", "schedule.epochs=1", "optim.batch_size=100")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "training.run",
+        "train",
+        "--config",
+        "configs/cifar10_lt_ride3.toml",
+        *_sets(overrides),
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = load_meta(tmp_path / "ddp")
+    assert meta.complete and meta.epoch == 1
+    assert "2 processes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "optim.lr_max=0.1"], "unknown key 'optim.lr_max'; valid keys here: batch_size, lr, momentum"),
+        (["--set", "data.dataset=imagenet"], "data.dataset"),
+        (["--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--config", "/nonexistent.toml"], "config file not found"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, tmp_path: Path) -> None:
+    base = ["train", "--config", "configs/cifar10_lt_ride3.toml", "--out", str(tmp_path / "out")]
+    result = _run_cli(*base, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+
+
+def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(small_folder: Path, tmp_path: Path) -> None:
+    overrides = _overrides(small_folder, tmp_path, "model.num_experts=2", "schedule.epochs=1")
+    base = ["train", "--config", "configs/cifar10_lt_ride3.toml", *_sets(overrides), "--out", str(tmp_path / "r")]
+    assert _run_cli(*base).returncode == 0
+    before = (tmp_path / "r" / WEIGHTS_FILE).read_bytes()
+
+    again = _run_cli(*base)
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+
+    other = _run_cli(*base, "--set", "model.num_experts=3", "--resume")
+    assert other.returncode == 2 and "architecture differs" in other.stderr and "Traceback" not in other.stderr
+    assert (tmp_path / "r" / WEIGHTS_FILE).read_bytes() == before
+    assert json.loads((tmp_path / "r" / META_FILE).read_text())["complete"] is True
