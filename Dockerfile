@@ -1,0 +1,85 @@
+# syntax=docker/dockerfile:1.7
+#
+# RIDE Serve images (see deploy/README.md).
+#
+#   docker build --target serve -t ride-serve:gpu .                    # onnxruntime-gpu + CUDA/cuDNN from pip, no torch
+#   docker build --target serve --build-arg ORT=cpu -t ride-serve:cpu .  # CPU-only onnxruntime
+#   docker build --target train -t ride-serve:train .                  # torch, training and export
+#
+# Each image's virtual environment is built in its own builder stage and copied into a clean stage, so the
+# final images hold no pip cache, no source tree and no build tools.
+
+# The tag says what it is; the digest makes the build reproducible. Override both at once if the digest ages out.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+# One fixed unprivileged account for every image; its home holds caches (the train image mounts ~/.cache).
+RUN groupadd --system --gid 10001 ride \
+    && useradd --system --uid 10001 --gid ride --create-home --home-dir /home/ride --shell /usr/sbin/nologin ride
+
+# The project's source, as pip needs it to build the ride-serve wheel.
+FROM base AS source
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY training/ training/
+COPY export/ export/
+COPY service/ service/
+
+# `./[extras]` rather than `.[extras]`: the same install, spelled so that hadolint sees a local path (DL3013).
+FROM source AS serve-venv
+# gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from its pip extras; cpu: the CPU-only onnxruntime.
+ARG ORT=gpu
+RUN --mount=type=cache,target=/root/.cache/pip \
+    case "${ORT}" in gpu|cpu) ;; *) echo "ORT must be gpu or cpu, not '${ORT}'" >&2; exit 1 ;; esac \
+    && python -m venv "${VIRTUAL_ENV}" \
+    && pip install "./[serve,${ORT}]"
+
+FROM source AS train-venv
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m venv "${VIRTUAL_ENV}" \
+    && pip install "./[train]"
+
+# ---------------------------------------------------------------------------------------------------------------
+# train: `docker compose run --rm train python -m training.run ...` (compose mounts configs, data, runs, models).
+# ---------------------------------------------------------------------------------------------------------------
+FROM base AS train
+COPY --from=train-venv /opt/venv /opt/venv
+WORKDIR /opt/ride
+COPY configs/ configs/
+ENV HOME=/home/ride \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 10001:10001
+CMD ["python", "-m", "training.run", "--help"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve (the default target, last in the file): the HTTP server with the bundled model.
+# ---------------------------------------------------------------------------------------------------------------
+FROM base AS serve
+ARG ORT=gpu
+LABEL org.opencontainers.image.title="RIDE Serve" \
+      org.opencontainers.image.description="RIDE early-exit expert cascade served with onnxruntime" \
+      org.opencontainers.image.licenses="MIT" \
+      io.ride-serve.onnxruntime="${ORT}"
+COPY --from=serve-venv /opt/venv /opt/venv
+# The bundled default model; a volume mounted elsewhere plus RIDE_MODEL_DIR (or one mounted over this path)
+# replaces it. Owned by root and read-only to the server's user.
+COPY models/cifar10-lt-ride4/ /opt/ride/models/cifar10-lt-ride4/
+# The container toolkit reads NVIDIA_DRIVER_CAPABILITIES to inject the CUDA driver; harmless without a GPU.
+ENV RIDE_MODEL_DIR=/opt/ride/models/cifar10-lt-ride4 \
+    RIDE_HOST=0.0.0.0 \
+    RIDE_PORT=8000 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /opt/ride
+USER 10001:10001
+EXPOSE 8000
+# No curl in slim images: Python's urllib does the probe. /readyz answers 200 only once the model is warm,
+# and urlopen raises on 503 or no answer, which exits non-zero. The start period covers CUDA start-up.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('RIDE_PORT', '8000') + '/readyz', timeout=2)"]
+# Exec form: the server is PID 1 and receives SIGTERM itself, so `docker stop` drains requests in flight.
+ENTRYPOINT ["python", "-m", "service"]

@@ -1,0 +1,90 @@
+"""Tests of the deployment files (Dockerfile, compose, Prometheus, Grafana), and the readers they share."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+RULES_FILE = PROMETHEUS_DIR / "rules.yml"
+GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
+DATASOURCES_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS_FILE = GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml"
+DASHBOARD_FILES = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
+
+# Grafana's built-in interval variables, and what stands in for them when a query runs outside Grafana. One
+# minute is what the recording rules use and spans many scrapes at any interval the stack or the tests use.
+_GRAFANA_INTERVAL = re.compile(r"\$(?:__(?:rate_interval|interval|range)\b|\{__(?:rate_interval|interval|range)\})")
+GRAFANA_INTERVAL_STANDIN = "1m"
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One PromQL expression of a dashboard panel, with Grafana's variables replaced."""
+
+    dashboard: str
+    panel: str
+    ref_id: str
+    expr: str
+
+    def __str__(self) -> str:
+        return f"{self.dashboard} / {self.panel!r} / {self.ref_id}: {self.expr}"
+
+
+def read_yaml(path: Path) -> Any:
+    """A plain YAML file (no custom tags)."""
+    return yaml.safe_load(path.read_text())
+
+
+def read_dashboard(path: Path) -> dict[str, Any]:
+    """A Grafana dashboard JSON file."""
+    return json.loads(path.read_text())
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel of a dashboard, those nested in collapsed rows included."""
+    found = []
+    for panel in dashboard.get("panels", []):
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    """``expr`` with Grafana's interval variables replaced by a fixed window, as Prometheus itself needs it."""
+    return _GRAFANA_INTERVAL.sub(GRAFANA_INTERVAL_STANDIN, expr)
+
+
+def dashboard_queries() -> list[PanelQuery]:
+    """Every PromQL expression in the provisioned dashboards, ready to send to Prometheus."""
+    queries = []
+    for path in DASHBOARD_FILES:
+        for panel in panels(read_dashboard(path)):
+            for target in panel.get("targets", []):
+                queries.append(
+                    PanelQuery(path.name, panel.get("title", "?"), target.get("refId", "?"), target.get("expr", ""))
+                )
+    return [PanelQuery(q.dashboard, q.panel, q.ref_id, substitute_grafana_variables(q.expr)) for q in queries]
+
+
+def recording_rules() -> dict[str, str]:
+    """Recorded series name -> PromQL expression, for every recording rule in rules.yml."""
+    rules = {}
+    for group in read_yaml(RULES_FILE)["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                rules[rule["record"]] = rule["expr"]
+    return rules
+
+
+def provisioned_datasource() -> dict[str, Any]:
+    """The single data source that Grafana provisioning creates."""
+    (datasource,) = read_yaml(DATASOURCES_FILE)["datasources"]
+    return datasource
