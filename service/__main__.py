@@ -1,0 +1,92 @@
+"""``python -m service``: load the model folder, then serve it with uvicorn until SIGTERM/SIGINT.
+
+Exit status: 0 after a graceful shutdown, 1 when the model cannot be served or the server cannot start, 2 for
+invalid settings. Start-up problems are one line on stderr, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from export.manifest import ManifestError
+from service import ModelLoadError
+from service.api import create_app
+from service.settings import Settings
+
+logger = logging.getLogger("service")
+
+
+def _settings_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        problems.append(f"{name} ({'RIDE_' + name.upper()}): {item['msg']}")
+    return "; ".join(problems)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _keep_exit_status_zero(signum: int, frame: object) -> None:
+    # uvicorn re-raises the signal it handled once its graceful shutdown is over, through the handler that was
+    # installed before it started: this one, so that a requested shutdown ends with status 0, not -SIGTERM.
+    logger.info("shutdown after signal %d complete", signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server; returns the process exit status."""
+    try:
+        settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:
+        print(f"error: invalid settings: {_settings_error(error)}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    if not settings.model_dir.is_dir():
+        print(
+            f"error: model folder {settings.model_dir} does not exist: export one with `python -m export` "
+            "or point --model-dir (RIDE_MODEL_DIR) at one",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        app = create_app(settings)
+    except (ModelLoadError, ManifestError) as error:
+        print(f"error: cannot serve model folder {settings.model_dir}: {error}", file=sys.stderr)
+        return 1
+    state = app.state.service
+    manifest = state.model.manifest
+    logger.info(
+        "serving %s %s (%d experts, routers: %s) from %s with provider %s",
+        manifest.model.name,
+        manifest.model.version,
+        manifest.cascade.num_experts,
+        manifest.cascade.has_routers,
+        settings.model_dir,
+        state.model.provider,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, _keep_exit_status_zero)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

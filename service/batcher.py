@@ -1,0 +1,194 @@
+"""Dynamic batching: requests wait a little so that they run through the cascade together.
+
+The first request of a batch waits at most ``max_wait_s`` (counted from its arrival) for others, up to
+``max_batch_size`` rows; the batch then runs in a dedicated inference thread, so the event loop keeps accepting and
+decoding requests meanwhile, and those form the next batch. Requests accepted but not yet running are bounded by
+``max_queue_size``: beyond it `submit` raises `OverloadedError` at once instead of letting latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from service import NotReadyError, OverloadedError
+from service.cascade import CascadeResult
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Runs a batch: (images [N, 3, H, W], thresholds [N], max_experts [N]) -> per-row results.
+InferFn = Callable[[np.ndarray, np.ndarray, np.ndarray], CascadeResult]
+BatchObserver = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One request's share of a batch result."""
+
+    probabilities: np.ndarray  # [C] float32
+    experts_used: int
+    relative_compute: float
+    queue_seconds: float
+    inference_seconds: float
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    image: np.ndarray
+    threshold: float
+    max_experts: int
+    future: asyncio.Future[RowResult]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Collects concurrent requests into batches and runs them off the event loop, one batch at a time."""
+
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_size: int,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self._infer = infer
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._pending = 0
+        self._running_batch = False
+        self._closing = False
+        self._current: list[_Pending] = []  # the batch being formed or run
+        self._worker: asyncio.Task[None] | None = None
+        # One thread: batches run one after another, and onnxruntime parallelises inside each one.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ride-inference")
+
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet running (queued, or in a batch still being formed)."""
+        return self._pending
+
+    async def start(self) -> None:
+        """Start the batching loop (call from the event loop that will submit)."""
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._loop(), name="ride-batcher")
+
+    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the inference thread, serialised with the batches (used for warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def submit(self, image: np.ndarray, *, threshold: float, max_experts: int) -> RowResult:
+        """Queue one preprocessed image and wait for its result.
+
+        Raises:
+            OverloadedError: ``max_queue_size`` requests are already waiting.
+            NotReadyError: the batcher is not started or is shutting down.
+        """
+        if self._queue is None or self._closing:
+            raise NotReadyError("the server is shutting down" if self._closing else "the batcher is not running")
+        if self._pending >= self._max_queue_size:
+            raise OverloadedError(f"{self._pending} requests are already waiting; retry later")
+        future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        self._queue.put_nowait(_Pending(image, threshold, max_experts, future))
+        return await future
+
+    async def stop(self, timeout_s: float) -> None:
+        """Refuse new requests, let the accepted ones finish (at most ``timeout_s``), then stop the loop."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while (self._pending or self._running_batch) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._pending or self._running_batch:
+            logger.warning("batcher stopped with %d requests unanswered after %.1f s", self._pending, timeout_s)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._fail_unanswered(NotReadyError("the server shut down before this request ran"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            self._current = []
+            await self._collect(self._queue, self._current)
+            self._pending -= len(self._current)
+            batch = [item for item in self._current if not item.future.done()]  # skip requests whose client left
+            if batch:
+                self._running_batch = True
+                try:
+                    await self._run(batch)
+                finally:
+                    self._running_batch = False
+
+    async def _collect(self, queue: asyncio.Queue[_Pending], batch: list[_Pending]) -> None:
+        # Fills ``batch`` in place, so that `stop` can answer the rows of a batch cut off while forming.
+        batch.append(await queue.get())
+        deadline = batch[0].enqueued_at + self._max_wait_s
+        while len(batch) < self._max_batch_size:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
+            except TimeoutError:
+                break
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self.run_in_worker(self._infer_rows, batch)
+        except Exception as error:
+            logger.exception("inference failed for a batch of %d", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - started
+        if self._on_batch is not None:
+            self._on_batch(len(batch), seconds)
+        for row, item in enumerate(batch):
+            if item.future.done():
+                continue
+            item.future.set_result(
+                RowResult(
+                    probabilities=result.probabilities[row],
+                    experts_used=int(result.experts_used[row]),
+                    relative_compute=float(result.relative_compute[row]),
+                    queue_seconds=started - item.enqueued_at,
+                    inference_seconds=seconds,
+                    batch_size=len(batch),
+                )
+            )
+
+    def _infer_rows(self, batch: list[_Pending]) -> CascadeResult:
+        # Runs on the inference thread: stacking large images is not free either.
+        images = np.stack([item.image for item in batch])
+        thresholds = np.array([item.threshold for item in batch], dtype=np.float64)
+        max_experts = np.array([item.max_experts for item in batch], dtype=np.int64)
+        return self._infer(images, thresholds, max_experts)
+
+    def _fail_unanswered(self, error: Exception) -> None:
+        leftovers = list(self._current)
+        while self._queue is not None and not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for item in leftovers:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._pending = 0

@@ -1,0 +1,156 @@
+"""Prometheus metrics of one app, in the app's own registry (never the process-global default one).
+
+Names follow the Prometheus conventions: ``ride_`` prefix, base units (seconds), ``_total`` on counters, histograms
+for everything worth a percentile. Labelled series are created up front so that dashboards show zeros, not gaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Sub-millisecond resolution where this model lives (a batch takes ~0.3-5 ms on CPU), up to 10 s for stragglers.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+RELATIVE_COMPUTE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
+UNMATCHED_ROUTE = "unmatched"
+
+
+def power_of_two_buckets(largest: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the first power of two >= ``largest``."""
+    buckets = [1]
+    while buckets[-1] < largest:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+class Metrics:
+    """Every metric the service exports, registered in a fresh `CollectorRegistry`."""
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        max_batch_size: int,
+        model_name: str,
+        model_version: str,
+        provider: str,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests_total = Counter(
+            "ride_requests_total",
+            "HTTP requests answered, by route template and status code.",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "ride_request_duration_seconds",
+            "Time from request start to response end, by route template.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "ride_queue_wait_seconds",
+            "Time a classification waited for its batch to start.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "ride_inference_duration_seconds",
+            "Wall time of one batch through the cascade.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.experts_used = Histogram(
+            "ride_experts_used",
+            "Experts run per successful classification.",
+            buckets=tuple(range(1, num_experts + 1)),
+            registry=registry,
+        )
+        self.exits_total = Counter(
+            "ride_exits_total",
+            "Successful classifications by the expert they stopped after.",
+            ["expert"],
+            registry=registry,
+        )
+        self.relative_compute = Histogram(
+            "ride_relative_compute",
+            "MACs spent per classification / MACs of the full ensemble (0-1].",
+            buckets=RELATIVE_COMPUTE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "ride_batch_size",
+            "Rows per batch sent to the cascade.",
+            buckets=power_of_two_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "ride_queue_depth", "Classifications accepted and waiting for inference.", registry=registry
+        )
+        self.model_info = Gauge(
+            "ride_model_info",
+            "The model served and the onnxruntime provider really in use (value 1).",
+            ["name", "version", "provider"],
+            registry=registry,
+        )
+        self.model_info.labels(name=model_name, version=model_version, provider=provider).set(1)
+        for expert in range(1, num_experts + 1):
+            self.exits_total.labels(expert=str(expert))
+
+    def preinitialise_routes(self, routes: Iterable[str], classify_route: str = "/classify") -> None:
+        """Create the request series of every route (and the classify errors) so that they start at zero."""
+        for route in (*routes, UNMATCHED_ROUTE):
+            self.request_duration.labels(route=route)
+            self.requests_total.labels(route=route, status="404" if route == UNMATCHED_ROUTE else "200")
+        for status in ("400", "413", "415", "422", "503"):
+            self.requests_total.labels(route=classify_route, status=status)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests_total.labels(route=route, status=str(status)).inc()
+        self.request_duration.labels(route=route).observe(seconds)
+
+    def observe_classification(self, *, queue_seconds: float, experts_used: int, relative_compute: float) -> None:
+        """One call per successful classification, so that the counts of these series add up."""
+        self.queue_wait.observe(queue_seconds)
+        self.experts_used.observe(experts_used)
+        self.exits_total.labels(expert=str(experts_used)).inc()
+        self.relative_compute.observe(relative_compute)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+
+    def track_queue_depth(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth at scrape time from ``depth``."""
+        self.queue_depth.set_function(depth)
+
+    def exposition(self) -> bytes:
+        """The text exposition format of this registry."""
+        return generate_latest(self.registry)

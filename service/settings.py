@@ -1,0 +1,72 @@
+"""Service settings: one pydantic-settings class, read from ``RIDE_*`` environment variables and CLI flags.
+
+Every field is both an environment variable (``RIDE_`` + the field name in upper case, e.g. ``RIDE_MAX_BATCH_SIZE``)
+and a flag of ``python -m service`` (dash-case, e.g. ``--max-batch-size``); a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Resolved from this file, not from the working directory, so that the default works wherever the server starts.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "cifar10-lt-ride4"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RIDE_",
+        extra="forbid",
+        protected_namespaces=(),
+        cli_prog_name="python -m service",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder written by `python -m export`.")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when it really runs, else CPU; cuda: refuse to start without CUDA."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads of the process-wide onnxruntime pool on CPU (0: one per physical core)."
+    )
+    inter_op_threads: int = Field(1, ge=0, description="Inter-op threads of that pool (0: onnxruntime's default).")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
+    max_wait_ms: float = Field(
+        2.0, ge=0.0, le=10_000.0, description="How long a batch waits for more requests after its first one."
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="Requests waiting for inference beyond which new ones get 503 + Retry-After."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with 503 replies.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
+    max_pixels: int = Field(
+        25_000_000, ge=1, description="Largest image (width x height) decoded; refused before decoding (413)."
+    )
+    default_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Router threshold when a request gives none (default: the manifest's)."
+    )
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0.0, description="On SIGTERM, how long in-flight requests may take before they are cut off."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    access_log: bool = Field(False, description="Log every request (costs throughput).")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _expand_user(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str]) -> Settings:
+        """Settings from CLI flags, then ``RIDE_*`` environment variables, then the defaults."""
+        return cls(_cli_parse_args=list(argv))

@@ -1,0 +1,55 @@
+"""The app in-process (no lifespan, so never warm): readiness, error shape, own registry, OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from service.api import create_app
+from service.settings import Settings
+
+
+def request_all(app, calls: list[tuple[str, str]]) -> list[httpx.Response]:
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)  # runs no lifespan: the model is loaded but never warmed
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.request(method, path, content=b"x", headers={"content-type": "image/png"})
+                for method, path in calls
+            ]
+
+    return asyncio.run(scenario())
+
+
+def test_not_ready_until_warm(loaded_model, model_dir: Path) -> None:
+    app = create_app(Settings(model_dir=model_dir, retry_after_s=7), model=loaded_model)
+    calls = [("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/classify"), ("GET", "/v2/health/ready")]
+    live, ready, classify, v2_ready = request_all(app, calls)
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
+    for response in (ready, classify, v2_ready):
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert response.json() == {"error": {"code": "not_ready", "message": "the model is still warming up"}}
+
+
+def test_each_app_has_its_own_registry(loaded_model, model_dir: Path) -> None:
+    settings = Settings(model_dir=model_dir)
+    first, second = create_app(settings, model=loaded_model), create_app(settings, model=loaded_model)
+    request_all(first, [("GET", "/healthz")] * 3)
+    (metrics,) = request_all(second, [("GET", "/metrics")])
+    assert metrics.status_code == 200
+    assert 'ride_requests_total{route="/healthz",status="200"} 0.0' in metrics.text
+    assert 'ride_model_info{name="synthetic-ride3",provider="CPUExecutionProvider",version="0.0.1-test"} 1.0' in (
+        metrics.text
+    )
+
+
+def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> None:
+    app = create_app(Settings(model_dir=model_dir), model=loaded_model)
+    (response,) = request_all(app, [("GET", "/openapi.json")])
+    classify = response.json()["paths"]["/classify"]["post"]
+    assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
+    assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "max_experts"}

@@ -1,0 +1,135 @@
+"""The cascade over a batch, checked against a row-by-row reference built on raw onnxruntime sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.manifest import load_manifest
+from service.cascade import CostModel, run_cascade, sigmoid, softmax
+from service.images import ImageDecoder
+from service.model import load_model
+from tests.service.conftest import NUM_EXPERTS, build_synthetic_model_folder, without_routers
+
+
+@pytest.fixture(scope="module")
+def images(model_dir: Path, test_images: list[tuple[str, bytes]]) -> np.ndarray:
+    decoder = ImageDecoder(load_manifest(model_dir).input, max_pixels=10**6)
+    return np.stack([decoder.decode(data) for _, data in test_images])
+
+
+def reference_cascade(model_dir: Path, images: np.ndarray, threshold: float, max_experts: int) -> tuple:
+    """Every expert and router on every row with plain sessions, then the decision rule applied row by row."""
+    manifest = load_manifest(model_dir)
+
+    def session(spec):
+        return ort.InferenceSession(str(model_dir / spec.file), providers=["CPUExecutionProvider"])
+
+    shared = session(manifest.graphs.trunk).run(None, {"image": images})[0]
+    outputs = [session(spec).run(["logits", "feature"], {"shared": shared}) for spec in manifest.graphs.experts]
+    running = np.cumsum([logits for logits, _ in outputs], axis=0) / np.arange(1, NUM_EXPERTS + 1)[:, None, None]
+    router_logits = [
+        session(spec).run(None, {"mean_logits": running[k].astype(np.float32), "feature": outputs[k][1]})[0][:, 0]
+        for k, spec in enumerate(manifest.graphs.routers)
+    ]
+    used = np.ones(len(images), dtype=np.int64)
+    for row in range(len(images)):
+        while used[row] < max_experts and sigmoid(router_logits[used[row] - 1][row]) >= threshold:
+            used[row] += 1
+    mean_logits = running[used - 1, np.arange(len(images))]
+    return used, mean_logits
+
+
+@pytest.mark.parametrize(("threshold", "max_experts"), [(0.5, NUM_EXPERTS), (0.3, 2), (0.7, NUM_EXPERTS)])
+def test_matches_row_by_row_reference(
+    loaded_model, model_dir: Path, images: np.ndarray, threshold: float, max_experts: int
+) -> None:
+    result = run_cascade(loaded_model, images, thresholds=threshold, max_experts=max_experts)
+    used, mean_logits = reference_cascade(model_dir, images, threshold, max_experts)
+    np.testing.assert_array_equal(result.experts_used, used)
+    np.testing.assert_allclose(result.logits, mean_logits, atol=1e-4)
+    np.testing.assert_allclose(result.probabilities, softmax(mean_logits), atol=1e-5)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_rows_exit_early_at_the_default_threshold(loaded_model, images: np.ndarray) -> None:
+    result = run_cascade(loaded_model, images, thresholds=0.5, max_experts=NUM_EXPERTS)
+    counts = np.bincount(result.experts_used, minlength=NUM_EXPERTS + 1)[1:]
+    assert counts[0] > 0 and counts[-1] > 0, counts  # some rows stop at expert 1, some run all three
+    assert (result.relative_compute < 1.0).any()
+
+
+def test_threshold_zero_runs_every_expert_at_full_cost(loaded_model, images: np.ndarray) -> None:
+    result = run_cascade(loaded_model, images, thresholds=0.0, max_experts=NUM_EXPERTS)
+    assert (result.experts_used == NUM_EXPERTS).all()
+    assert (result.routers_evaluated == NUM_EXPERTS - 1).all()
+    np.testing.assert_allclose(result.relative_compute, 1.0)
+
+
+def test_max_experts_one_skips_every_router(loaded_model, images: np.ndarray) -> None:
+    result = run_cascade(loaded_model, images, thresholds=0.0, max_experts=1)
+    cost = loaded_model.cost
+    assert (result.experts_used == 1).all() and (result.routers_evaluated == 0).all()
+    np.testing.assert_allclose(result.relative_compute, (cost.trunk_macs + cost.expert_macs[0]) / cost.full_macs)
+    logits, _ = loaded_model.expert(1, loaded_model.trunk(images))
+    np.testing.assert_allclose(result.logits, logits, atol=1e-6)
+
+
+def test_relative_compute_counts_experts_and_routers() -> None:
+    cost = CostModel(trunk_macs=100, expert_macs=(10, 20, 30), router_macs=(1, 2))
+    assert cost.full_macs == 163
+    used, routers = np.array([1, 1, 2, 3, 3]), np.array([0, 1, 2, 2, 1])
+    spent = np.array([110, 111, 133, 163, 161])
+    np.testing.assert_allclose(cost.relative_compute(used, routers), spent / 163)
+
+
+def test_per_row_settings_give_the_same_answer_as_alone(loaded_model, images: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    rows = images[:24]
+    thresholds = rng.uniform(0.2, 0.8, size=len(rows))
+    limits = rng.integers(1, NUM_EXPERTS + 1, size=len(rows))
+    batched = run_cascade(loaded_model, rows, thresholds=thresholds, max_experts=limits)
+    for i in range(len(rows)):
+        alone = run_cascade(loaded_model, rows[i : i + 1], thresholds=thresholds[i], max_experts=int(limits[i]))
+        assert alone.experts_used[0] == batched.experts_used[i]
+        assert alone.experts_used[0] <= limits[i]
+        np.testing.assert_allclose(alone.logits[0], batched.logits[i], atol=1e-5)
+        np.testing.assert_allclose(alone.relative_compute[0], batched.relative_compute[i])
+
+
+def test_out_of_range_max_experts_is_refused(loaded_model, images: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="max_experts"):
+        run_cascade(loaded_model, images[:2], thresholds=0.5, max_experts=NUM_EXPERTS + 1)
+
+
+def test_empty_batch(loaded_model, images: np.ndarray) -> None:
+    result = run_cascade(loaded_model, images[:0], thresholds=0.5, max_experts=NUM_EXPERTS)
+    assert result.experts_used.shape == (0,)
+
+
+def test_without_routers_every_row_runs_max_experts(model_dir: Path, tmp_path: Path, images: np.ndarray) -> None:
+    model = load_model(without_routers(model_dir, tmp_path / "no-routers"), provider="cpu", shared_thread_pool=False)
+    assert not model.has_routers
+    full = run_cascade(model, images, thresholds=1.0, max_experts=NUM_EXPERTS)
+    assert (full.experts_used == NUM_EXPERTS).all()
+    np.testing.assert_allclose(full.relative_compute, 1.0)
+    shared = model.trunk(images)
+    mean = np.mean([model.expert(k, shared)[0] for k in range(1, NUM_EXPERTS + 1)], axis=0)
+    np.testing.assert_allclose(full.logits, mean, atol=1e-5)
+    two = run_cascade(model, images, thresholds=0.0, max_experts=2)
+    assert (two.experts_used == 2).all() and (two.routers_evaluated == 0).all()
+
+
+def test_float16_model_takes_float16_inputs(loaded_model, tmp_path: Path, images: np.ndarray) -> None:
+    half = load_model(
+        build_synthetic_model_folder(tmp_path / "fp16", precision="float16"), provider="cpu", shared_thread_pool=False
+    )
+    assert half.manifest.precision == "float16"
+    rows = images[:16]
+    result = run_cascade(half, rows, thresholds=0.0, max_experts=NUM_EXPERTS)
+    reference = run_cascade(loaded_model, rows, thresholds=0.0, max_experts=NUM_EXPERTS)
+    assert result.logits.dtype == np.float32
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=0.02)
