@@ -199,6 +199,9 @@ def load_model(
         configure_global_thread_pool(intra_op_threads, inter_op_threads)
     options = _session_options(shared_thread_pool, intra_op_threads)
     providers = requested_providers(provider)
+    if CUDA in providers and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu finds the CUDA / cuDNN libraries installed by its pip extras only after this call.
+        ort.preload_dlls()
     graphs = [_Graph.create(folder, manifest.graphs.trunk, providers, options, [TRUNK_OUTPUT])]
     for spec in manifest.graphs.experts:
         graphs.append(_Graph.create(folder, spec, providers, options, [EXPERT_LOGITS, EXPERT_FEATURE]))

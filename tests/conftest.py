@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the real CIFAR-10 image folder lives (``../shared`` beside the repo)."""
+"""Shared test fixtures: where the real CIFAR-10 image folder lives (``../shared`` beside the repo), and a tiny
+trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of its real JPEGs."""
 
 from __future__ import annotations
 
@@ -12,9 +13,77 @@ CIFAR10_DIR = Path(
     os.environ.get("RIDE_CIFAR10_DIR", Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10")
 )
 
+# The tiny long-tailed set: 40 training images per class before the exp profile with factor 10 keeps
+# 40, 30, 23, 18, 14, 11, 8, 6, 5, 4 (159 images); 3 per class are held out as the validation split, leaving
+# 37, 27, 20, 15, 11, 8, 5, 3, 2, 1 for training; 10 test images per class.
+TINY_TRAIN_PER_CLASS = 40
+TINY_TEST_PER_CLASS = 10
+
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     if not (CIFAR10_DIR / "train").is_dir():
         pytest.skip(f"real CIFAR-10 image folder not found at {CIFAR10_DIR} (set RIDE_CIFAR10_DIR)")
     return CIFAR10_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder of real CIFAR-10 JPEGs (symlinks): 40 training and 10 test images per class."""
+    root = tmp_path_factory.mktemp("tiny-cifar10")
+    for split, count in (("train", TINY_TRAIN_PER_CLASS), ("test", TINY_TEST_PER_CLASS)):
+        for source_class in sorted(p for p in (cifar10_dir / split).iterdir() if p.is_dir()):
+            target = root / split / source_class.name
+            target.mkdir(parents=True)
+            for source in sorted(source_class.iterdir())[:count]:
+                (target / source.name).symlink_to(source)
+    return root
+
+
+def tiny_config_dict(data_dir: Path, cache_dir: Path) -> dict:
+    """The raw config of the tiny run: 3-expert RIDE ResNet-32, imbalance 10, 3 validation images per class,
+    groups many > 15 / few < 5 so that all three are populated, 1 epoch of stage 1 and 1 of stage 2 (the models
+    are barely trained: the fixtures exercise mechanics, not accuracy)."""
+    return {
+        "name": "tiny",
+        "data": {
+            "dataset": "folder",
+            "root": str(data_dir),
+            "cache_dir": str(cache_dir),
+            "imbalance_factor": 10,
+            "val_per_class": 3,
+            "many_shot_above": 15,
+            "few_shot_below": 5,
+        },
+        "model": {"arch": "ride_resnet32", "num_experts": 3},
+        "optim": {"batch_size": 32},
+        "schedule": {"epochs": 1},
+        "runtime": {"seed": 0, "device": "cpu", "checkpoint_every": 100},
+        "router": {"epochs": 1, "batch_size": 64},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete stage-1 checkpoint folder (3 experts, 1 epoch on the tiny set). Treat it as read-only: copy
+    it (``shutil.copytree``) before anything that writes into it, e.g. ``evaluate``."""
+    from training.config import config_from_dict
+    from training.train import train
+
+    base = tmp_path_factory.mktemp("tiny-checkpoint")
+    cfg = config_from_dict(tiny_config_dict(tiny_data_dir, base / "cache"))
+    return train(cfg, out=base / "stage1")
+
+
+@pytest.fixture(scope="session")
+def tiny_routed_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` with routers (stage 2, 1 epoch), stored threshold 0.5 (the default). Read-only like
+    ``tiny_checkpoint``.
+
+    The routers are barely trained and their logits are large (about 10 to 20 on the test images), so at 0.5
+    almost every image runs all experts; to exercise early exit, pick a threshold from the router probabilities
+    or shift ``routers.fc.bias`` in a copy."""
+    from training.route import route_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-routed") / "routed"
+    return route_checkpoint(tiny_checkpoint, out=out, progress=False)

@@ -1,4 +1,4 @@
-"""Rebuild a model from a checkpoint folder and evaluate it on its test split."""
+"""Rebuild a model from a checkpoint folder and evaluate it on its test split (routed too, if it has routers)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from training.evaluate import evaluate_model, print_summary, write_report
 from training.models import RIDEModel, build_model
 from training.runtime import resolve_device
 
+# Training-time records that re-evaluating cannot recompute (the test metrics themselves are recomputed).
+KEPT_METRICS = ("training", "distillation", "router_training", "validation", "threshold_selection")
+
 
 def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict[str, torch.Tensor]]:
     """The stage-1 model with its weights loaded, the sidecar, and the weights not used by it (routers)."""
@@ -26,9 +29,16 @@ def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict
 
 
 def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_choice: str = "auto") -> dict[str, Any]:
-    """Evaluate, print a summary, write ``metrics.json`` and the plot, and store the metrics in the sidecar."""
+    """Evaluate, print a summary, write ``metrics.json`` and the plot, and store the metrics in the sidecar.
+
+    A checkpoint with routers is also evaluated as the early-exit cascade at its stored threshold
+    (``metrics["routed"]``), next to the all-experts metrics of the same weights.
+    """
+    from training.route import routers_from_checkpoint
+
     device = resolve_device(device_choice)
-    model, meta, _ = model_from_checkpoint(folder)
+    model, meta, rest = model_from_checkpoint(folder)
+    routers = routers_from_checkpoint(meta, rest, model.feature_dim)
     model.to(device)
     data = load_data(meta.config.data, data_dir)
     if data.class_names != meta.class_names:
@@ -36,9 +46,11 @@ def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_ch
             f"the data's classes {data.class_names[:5]}... differ from the checkpoint's {meta.class_names[:5]}...: "
             "point --data-dir at the dataset the model was trained on"
         )
-    metrics = evaluate_model(model, data, meta, device=device)
-    if meta.metrics and "training" in meta.metrics:
-        metrics["training"] = meta.metrics["training"]
+    threshold = meta.routers.threshold if meta.routers is not None else 0.5
+    metrics = evaluate_model(model, data, meta, device=device, routers=routers, threshold=threshold)
+    for key in KEPT_METRICS:
+        if meta.metrics and key in meta.metrics:
+            metrics[key] = meta.metrics[key]
     write_report(folder, metrics, meta)
     save_meta(folder, meta.model_copy(update={"metrics": metrics}))
     print_summary(metrics, title=f"{meta.name} (epoch {meta.epoch}) on the test split")

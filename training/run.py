@@ -55,6 +55,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device_choice=args.device or "auto")
 
 
+def cmd_route(args: argparse.Namespace) -> None:
+    from training.checkpoint import load_meta
+    from training.route import resolve_route_config, route_checkpoint
+
+    cfg = _with_runtime(resolve_route_config(load_meta(args.checkpoint), args.config, args.overrides), args)
+    route_checkpoint(
+        args.checkpoint,
+        cfg=cfg,
+        out=args.out,
+        data_dir=args.data_dir,
+        target_compute=args.target_compute,
+        threshold=args.threshold,
+    )
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from training.distill import distill
+
+    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    out = args.out or Path("runs") / cfg.name
+    distill(cfg, teacher=args.teacher, out=out, data_dir=args.data_dir, resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     _common_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    route = commands.add_parser("route", help="stage 2: train the routers of a stage-1 checkpoint, curve, threshold")
+    route.add_argument("--checkpoint", type=Path, required=True, help="stage-1 checkpoint folder")
+    parser_config_help = "TOML config (default: the checkpoint's own); [model] must match the checkpoint"
+    route.add_argument("--config", type=Path, help=parser_config_help)
+    route.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set router.pos_weight=50 (repeatable)",
+    )
+    _common_arguments(route)
+    route.add_argument("--out", type=Path, help="routed checkpoint folder (default: <checkpoint>-routers)")
+    choice = route.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--target-compute",
+        type=float,
+        metavar="F",
+        help="store the threshold with the best validation accuracy at relative compute <= F (0 < F <= 1)",
+    )
+    choice.add_argument("--threshold", type=float, metavar="T", help="store this threshold (0..1; default 0.5)")
+    route.set_defaults(handler=cmd_route)
+
+    distill = commands.add_parser("distill", help="train a student with fewer experts from a teacher checkpoint")
+    distill.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint folder")
+    _config_arguments(distill, required=True)
+    _common_arguments(distill)
+    distill.add_argument("--out", type=Path, help="checkpoint folder (default runs/<name>)")
+    distill.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    distill.set_defaults(handler=cmd_distill)
     return parser
 
 

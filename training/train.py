@@ -2,7 +2,8 @@
 
 The loop is one readable function (:func:`train`); one epoch is :func:`train_one_epoch`. Everything random
 during training is derived from ``(seed, epoch)``, so ``--resume`` from an epoch boundary reproduces an
-uninterrupted run.
+uninterrupted run. With a ``teacher`` (:mod:`training.distill`) the same loop trains a distilled student: the
+teacher's knowledge-distillation term is added to the loss of every batch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +38,9 @@ from training.losses import ExpertLoss, build_loss
 from training.models import RIDEModel, build_model
 from training.runtime import Runtime, all_reduce_sum, start_runtime, stop_runtime
 from training.schedule import drw_epoch, lr_factor, resolve_schedule
+
+if TYPE_CHECKING:
+    from training.distill import Teacher
 
 LOG_FILE = "log.jsonl"
 
@@ -73,6 +78,7 @@ def train_one_epoch(
     epoch: int,
     runtime: Runtime,
     progress: bool,
+    teacher: Teacher | None = None,
 ) -> EpochStats:
     model.train()
     generator = torch.Generator().manual_seed(epoch_seed(cfg.runtime.seed, epoch, runtime.rank))
@@ -92,7 +98,10 @@ def train_one_epoch(
         targets = train_set.labels[indices].to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model(images)
+            teacher_mean = teacher.mean_logits(images) if teacher is not None else None
         loss = loss_fn(outputs.logits.float(), targets)
+        if teacher is not None:
+            loss = loss + teacher.kd_loss(outputs.logits, teacher_mean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,10 +123,13 @@ def _parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _build_meta(cfg: TrainConfig, data: LongTailData, epoch: int, complete: bool) -> CheckpointMeta:
+def _build_meta(
+    cfg: TrainConfig, data: LongTailData, epoch: int, complete: bool, teacher: Teacher | None = None
+) -> CheckpointMeta:
     return CheckpointMeta(
         name=cfg.name,
-        stage="experts",
+        stage="experts" if teacher is None else "distilled",
+        parent=None if teacher is None else teacher.sha256,
         model=cfg.model,
         num_classes=data.num_classes,
         class_names=data.class_names,
@@ -157,20 +169,30 @@ def prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def train(cfg: TrainConfig, *, out: Path, data_dir: Path | None = None, resume: bool = False) -> Path:
-    """Train stage 1 into ``out`` (a checkpoint folder) and evaluate the last epoch on the test split."""
+def train(
+    cfg: TrainConfig, *, out: Path, data_dir: Path | None = None, resume: bool = False, teacher: Teacher | None = None
+) -> Path:
+    """Train stage 1 into ``out`` (a checkpoint folder) and evaluate the last epoch on the test split.
+
+    With ``teacher`` (a frozen model, see :mod:`training.distill`) every batch's loss gets its distillation term.
+    """
     runtime = start_runtime(cfg.runtime.device, cfg.runtime.num_threads)
     try:
-        return _train(cfg, out=Path(out), data_dir=data_dir, resume=resume, runtime=runtime)
+        return _train(cfg, out=Path(out), data_dir=data_dir, resume=resume, runtime=runtime, teacher=teacher)
     finally:
         stop_runtime(runtime)
 
 
-def _train(cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime) -> Path:
+def _train(
+    cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime, teacher: Teacher | None
+) -> Path:
     if runtime.is_main:
         prepare_output(out, resume)
     schedule = resolve_schedule(cfg.schedule)
     data = load_data(cfg.data, data_dir, progress=runtime.is_main)
+    if teacher is not None:
+        teacher.check_classes(data.class_names)
+        teacher.model.to(runtime.device)
     torch.manual_seed(cfg.runtime.seed)
     model: RIDEModel = build_model(cfg.model, data.num_classes)
     loss_fn = build_loss(cfg.loss, data.class_counts, logit_scale(cfg), drw_epoch(cfg.loss, schedule))
@@ -185,6 +207,8 @@ def _train(cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, 
     if resume:
         meta, weights = load_checkpoint(out)
         _check_resumable(cfg, meta, data)
+        if meta.parent != (None if teacher is None else teacher.sha256):
+            raise ConfigError("cannot resume: the interrupted run was trained with another teacher (or none)")
         load_into(model, weights, f"checkpoint {out}")
         start_epoch = load_train_state(out, optimizer, _parameter_names(model)) + 1
     model.to(runtime.device)
@@ -219,6 +243,7 @@ def _train(cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, 
             epoch=epoch,
             runtime=runtime,
             progress=runtime.is_main,
+            teacher=teacher,
         )
         if not runtime.is_main:
             continue
@@ -237,12 +262,14 @@ def _train(cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, 
         )
         if epoch % cfg.runtime.checkpoint_every == 0 and epoch < schedule.epochs:
             save_train_state(out, optimizer, _parameter_names(model), epoch)
-            save_checkpoint(out, model.state_dict(), _build_meta(cfg, data, epoch, complete=False))
+            save_checkpoint(out, model.state_dict(), _build_meta(cfg, data, epoch, complete=False, teacher=teacher))
     if not runtime.is_main:
         return out
-    meta = _build_meta(cfg, data, schedule.epochs, complete=True)
+    meta = _build_meta(cfg, data, schedule.epochs, complete=True, teacher=teacher)
     metrics = evaluate_model(model, data, meta, device=runtime.device)
     metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": record_last(out)}
+    if teacher is not None:
+        metrics["distillation"] = teacher.describe()
     save_train_state(out, optimizer, _parameter_names(model), schedule.epochs)
     meta = meta.model_copy(update={"metrics": metrics})
     save_checkpoint(out, model.state_dict(), meta)
