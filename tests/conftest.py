@@ -4,6 +4,8 @@ trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,32 @@ def tiny_config_dict(data_dir: Path, cache_dir: Path) -> dict:
     }
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block, then restore the previous count.
+
+    On a small box whose cores other jobs keep busy, two OpenMP threads waiting on each other made these
+    small-batch workloads about ten times slower than one thread (measured: 190 s against 18 s for the route and
+    distill tests on 2 shared cores); on an idle box one thread costs about a third more.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a whole test module (see :func:`one_torch_thread`); use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete stage-1 checkpoint folder (3 experts, 1 epoch on the tiny set). Treat it as read-only: copy
@@ -72,7 +100,8 @@ def tiny_checkpoint(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     base = tmp_path_factory.mktemp("tiny-checkpoint")
     cfg = config_from_dict(tiny_config_dict(tiny_data_dir, base / "cache"))
-    return train(cfg, out=base / "stage1")
+    with one_torch_thread():
+        return train(cfg, out=base / "stage1")
 
 
 @pytest.fixture(scope="session")
@@ -86,4 +115,5 @@ def tiny_routed_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempP
     from training.route import route_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-routed") / "routed"
-    return route_checkpoint(tiny_checkpoint, out=out, progress=False)
+    with one_torch_thread():
+        return route_checkpoint(tiny_checkpoint, out=out, progress=False)

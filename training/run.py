@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     route = commands.add_parser("route", help="stage 2: train the routers of a stage-1 checkpoint, curve, threshold")
     route.add_argument("--checkpoint", type=Path, required=True, help="stage-1 checkpoint folder")
-    parser_config_help = "TOML config (default: the checkpoint's own); [model] must match the checkpoint"
-    route.add_argument("--config", type=Path, help=parser_config_help)
+    route.add_argument(
+        "--config", type=Path, help="TOML config (default: the checkpoint's own); [model] must match the checkpoint"
+    )
     route.add_argument(
         "--set",
         dest="overrides",
