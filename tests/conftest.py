@@ -117,3 +117,18 @@ def tiny_routed_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempP
     out = tmp_path_factory.mktemp("tiny-routed") / "routed"
     with one_torch_thread():
         return route_checkpoint(tiny_checkpoint, out=out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def exported_model_dir(
+    tiny_routed_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``tiny_routed_checkpoint`` exported by ``python -m export`` (float32, opset 18, verified on 128 real
+    CIFAR-10 test images) into a model folder named ``tiny``. Read-only: copy it before changing anything.
+
+    Its routers are the tiny checkpoint's (threshold 0.5 sends nearly every image through all experts)."""
+    from export.build import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    with one_torch_thread():
+        return export_checkpoint(tiny_routed_checkpoint, out, data_dir=cifar10_dir, num_images=128).folder

@@ -1,0 +1,279 @@
+"""The whole export: checkpoint -> graphs -> manifest -> verification -> model folder, all or nothing.
+
+Everything is written into a temporary folder next to ``out`` and renamed into place only after the folder has
+passed the same checks the service and ``python -m export verify`` apply (schema, hashes, graph rules) and the
+parity check with PyTorch. Any failure, interruption included, removes the temporary folder: a model folder is
+either complete and verified or absent. ``force`` replaces an existing model folder the same way (the old one is
+renamed away, the new one renamed in, then the old one deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+from pydantic import ValidationError
+
+from export.graphs import (
+    DEFAULT_OPSET,
+    ExportError,
+    GraphJob,
+    SourceModel,
+    check_graph,
+    check_opset,
+    convert_to_float16,
+    export_graph,
+    load_source,
+    macs_per_image,
+    plan_graphs,
+    read_graph_io,
+)
+from export.manifest import (
+    MANIFEST_NAME,
+    Cascade,
+    ClassInfo,
+    EvalMetrics,
+    Graphs,
+    GraphSpec,
+    InputSpec,
+    Manifest,
+    ModelId,
+    SourceCheckpoint,
+    ToolVersions,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from export.verify import (
+    DEFAULT_NUM_IMAGES,
+    VERIFICATION_FILE,
+    ParityReport,
+    VerificationError,
+    verify_parity,
+)
+
+Log = Callable[[str], None]
+FOLDER_MODE = 0o755
+
+
+@dataclass
+class ExportResult:
+    """A finished export: where it is, its manifest and the parity report it passed."""
+
+    folder: Path
+    manifest: Manifest
+    report: ParityReport
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    force: bool = False,
+    data_dir: Path | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    num_images: int = DEFAULT_NUM_IMAGES,
+    log: Log = _quiet,
+) -> ExportResult:
+    """Export ``checkpoint`` into the model folder ``out`` and verify it; see the module docstring.
+
+    Raises ExportError (bad request, exporter failure, existing ``out`` without ``force``), CheckpointError,
+    DataError, ManifestError or VerificationError; in every case nothing is left behind.
+    """
+    opset = check_opset(opset)
+    out = Path(out)
+    _check_target(out, force)
+    model_id = _model_id(name or out.name, version)
+    source = load_source(Path(checkpoint))
+    model_id = model_id if version else model_id.model_copy(update={"version": _default_version(source)})
+    new_parent = not out.parent.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        os.chmod(tmp, FOLDER_MODE)  # mkdtemp makes it private; the service may run as another user
+        manifest = _write_folder(source, tmp, model_id=model_id, opset=opset, fp16=fp16, log=log)
+        log(f"verifying against PyTorch on {num_images} test images")
+        report = verify_parity(tmp, manifest, source, data_dir=data_dir, num_images=num_images)
+        log(report.summary())
+        if not report.passed:
+            raise VerificationError(f"the exported graphs do not match the checkpoint:\n{report.summary()}", report)
+        _write_verification(tmp, report, data_dir)
+        _install(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if new_parent:
+            with contextlib.suppress(OSError):  # only if still empty
+                out.parent.rmdir()
+        raise
+    log(f"wrote {out}")
+    return ExportResult(out, manifest, report)
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it (nothing was changed)")
+    if out.is_symlink() or not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; not replacing it even with --force")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        # --force replaces a model folder, never an arbitrary folder (think --out models by mistake).
+        raise ExportError(f"{out} is not a model folder (no {MANIFEST_NAME}); not replacing it even with --force")
+
+
+def _model_id(name: str, version: str | None) -> ModelId:
+    try:
+        return ModelId(name=name, version=version or "unversioned")
+    except ValidationError:
+        raise ExportError(
+            f"model name {name!r} is not allowed: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit (pass --name)"
+        ) from None
+
+
+def _default_version(source: SourceModel) -> str:
+    return f"{source.meta.stage}-e{source.meta.epoch}-{source.weights_sha256[:8]}"
+
+
+def _write_folder(
+    source: SourceModel, folder: Path, *, model_id: ModelId, opset: int, fp16: bool, log: Log
+) -> Manifest:
+    """Export every graph into ``folder``, write the manifest, and re-read it as the service will."""
+    specs = [_export_job(job, folder, opset=opset, fp16=fp16, log=log) for job in plan_graphs(source)]
+    manifest = build_manifest(source, specs, model_id=model_id, opset=opset, fp16=fp16)
+    write_manifest(manifest, folder)
+    # Read back exactly as the service will (schema + hashes); each graph was checked as it was written.
+    return load_manifest(folder, check_hashes=True)
+
+
+def _export_job(job: GraphJob, folder: Path, *, opset: int, fp16: bool, log: Log) -> GraphSpec:
+    started = time.perf_counter()
+    path = folder / job.file
+    export_graph(job.module, job.example_inputs, job.input_names, job.output_names, path, opset=opset)
+    if fp16:
+        convert_to_float16(path)
+        check_graph(path, job.input_names, job.output_names, opset=opset)
+    io = read_graph_io(path)
+    macs = macs_per_image(job)
+    log(f"exported {job.file} ({macs:,} MACs/image, {time.perf_counter() - started:.1f} s)")
+    return GraphSpec(file=job.file, sha256=sha256_file(path), inputs=io.inputs, outputs=io.outputs, macs_per_image=macs)
+
+
+def build_manifest(
+    source: SourceModel, specs: list[GraphSpec], *, model_id: ModelId, opset: int, fp16: bool
+) -> Manifest:
+    """The manifest of an export of ``source`` whose graphs are ``specs`` (trunk, experts, routers in order)."""
+    meta = source.meta
+    num_experts = meta.model.num_experts
+    precision = "float16" if fp16 else "float32"
+    return Manifest(
+        model=model_id,
+        source_checkpoint=SourceCheckpoint(path=str(source.folder.resolve()), sha256=source.weights_sha256),
+        precision=precision,
+        classes=[
+            ClassInfo(id=i, name=name, train_count=count, group=group)
+            for i, (name, count, group) in enumerate(
+                zip(meta.class_names, meta.class_counts, meta.class_groups, strict=True)
+            )
+        ],
+        input=InputSpec(
+            height=meta.input.image_size,
+            width=meta.input.image_size,
+            dtype=precision,
+            resize="bilinear",  # what training's decoder does to images of another size
+            crop="none",
+            scale=1.0 / 255.0,
+            mean=meta.input.mean,
+            std=meta.input.std,
+        ),
+        graphs=Graphs(trunk=specs[0], experts=specs[1 : 1 + num_experts], routers=specs[1 + num_experts :]),
+        cascade=Cascade(
+            num_experts=num_experts,
+            has_routers=source.routers is not None,
+            default_threshold=source.threshold,
+            top_z=meta.routers.top_z if source.routers is not None else None,
+            all_experts_without_routers=source.routers is None,
+        ),
+        metrics=eval_metrics(meta.metrics, meta.config.data.dataset),
+        exported_with=ToolVersions(
+            ride_serve=ride_serve_version(),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            onnx=onnx.__version__,
+            onnxruntime=onnxruntime.__version__,
+            opset=opset,
+        ),
+    )
+
+
+def eval_metrics(metrics: dict | None, dataset: str) -> EvalMetrics:
+    """The headline numbers of the checkpoint's own evaluation (all None when it was never evaluated)."""
+    if not metrics or "all_experts" not in metrics:
+        return EvalMetrics()
+    routed = metrics.get("routed") or {}
+    return EvalMetrics(
+        dataset=dataset,
+        all_experts_accuracy=metrics["all_experts"].get("top1"),
+        routed_accuracy=routed.get("top1"),
+        mean_experts_used=routed.get("mean_experts_used"),
+        relative_compute=routed.get("relative_compute"),
+    )
+
+
+def ride_serve_version() -> str:
+    """The installed package's version, else the source tree's pyproject version."""
+    try:
+        return metadata.version("ride-serve")
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _write_verification(folder: Path, report: ParityReport, data_dir: Path | None) -> None:
+    record = {
+        "verified_at": datetime.now(UTC).isoformat(),
+        "data_dir": str(data_dir) if data_dir is not None else "checkpoint's data.root",
+        **report.to_dict(),
+    }
+    (folder / VERIFICATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` onto ``out``; with ``force`` swap out an existing model folder."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    _check_target(out, force)  # it appeared while exporting: apply the same rules again
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
