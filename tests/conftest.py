@@ -1,5 +1,6 @@
-"""Shared test fixtures: where the real CIFAR-10 image folder lives (``../shared`` beside the repo), and a tiny
-trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of its real JPEGs."""
+"""Shared test fixtures: where the real CIFAR-10 image folder lives (``../shared`` beside the repo), a tiny
+trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of its real JPEGs, and model folders
+exported from it by the real exporter (all experts, and early exit in float32 and float16)."""
 
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def tiny_routed_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempP
 
     The routers are barely trained and their logits are large (about 10 to 20 on the test images), so at 0.5
     almost every image runs all experts; to exercise early exit, pick a threshold from the router probabilities
-    or shift ``routers.fc.bias`` in a copy."""
+    or use ``early_exit_checkpoint``."""
     from training.route import route_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-routed") / "routed"
@@ -132,3 +133,104 @@ def exported_model_dir(
     out = tmp_path_factory.mktemp("exported") / "tiny"
     with one_torch_thread():
         return export_checkpoint(tiny_routed_checkpoint, out, data_dir=cifar10_dir, num_images=128).folder
+
+
+# Early exit: the tiny routers' logits are about 10 to 20 on real images, so at threshold 0.5 nearly every image
+# runs all experts. Centred on these real test images (4 per class, apart from the first few per class that the
+# service tests send), each router stops about half the rows that reach it.
+CALIBRATION_IMAGES = slice(100, 104)
+
+
+def _median_router_logit(routers, k: int, outputs) -> float:
+    import torch
+
+    with torch.no_grad():
+        mean = outputs.logits[:, : k + 1].mean(dim=1)
+        return routers(k, mean, outputs.features[:, k]).median().item()
+
+
+def centre_routers(routers, outputs, target: float) -> None:
+    """Shift ``routers`` (a ``training.models.router.Routers``) so that each one's median logit on ``outputs``
+    (the stage-1 model's ``ExpertOutputs`` on some images) is ``target``.
+
+    Router 1 moves with the shared output bias. The later routers share that bias, so each is moved through its
+    own hidden layer instead: shifting hidden unit j's bias by ``s * sign(w_j)`` (w = the output weight of unit
+    j) raises the router's logit monotonically in ``s``, so bisection finds the shift.
+    """
+    import torch
+
+    with torch.no_grad():
+        routers.fc.bias -= _median_router_logit(routers, 0, outputs) - target
+        direction = torch.sign(routers.fc.weight[0, routers.top_z :])
+        for k in range(1, routers.num_experts - 1):
+            bias = routers.hidden_fcs[k].bias
+            start = bias.clone()
+            low, high = -100.0, 100.0
+            for _ in range(40):
+                middle = (low + high) / 2
+                bias.copy_(start + middle * direction)
+                low, high = (middle, high) if _median_router_logit(routers, k, outputs) < target else (low, middle)
+
+
+@pytest.fixture(scope="session")
+def early_exit_checkpoint(
+    tiny_routed_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``tiny_routed_checkpoint`` with its routers shifted so that each one's median logit on 40 real test
+    images is logit(0.5) = 0: at the stored threshold 0.5 the cascade really mixes 1, 2 and 3 experts. Its
+    ``routed`` metrics are dropped (they described the unshifted routers). Read-only."""
+    import torch
+
+    from export.graphs import load_source
+    from export.verify import normalized
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.data.folder import decode_images
+
+    base = tmp_path_factory.mktemp("early-exit")
+    source = load_source(tiny_routed_checkpoint)
+    test = cifar10_dir / "test"
+    files = [f"{c.name}/{p.name}" for c in sorted(test.iterdir()) for p in sorted(c.iterdir())[CALIBRATION_IMAGES]]
+    size = source.meta.input.image_size
+    images = decode_images(test, files, size, split="calibration", cache_dir=base / "cache")
+    with one_torch_thread(), torch.no_grad():
+        outputs = source.model(normalized(images, source.meta))
+        centre_routers(source.routers, outputs, target=0.0)
+    meta, weights = load_checkpoint(tiny_routed_checkpoint)
+    weights.update({f"routers.{k}": v for k, v in source.routers.state_dict().items()})
+    metrics = {k: v for k, v in (meta.metrics or {}).items() if k != "routed"} or None
+    folder = base / "checkpoint"
+    save_checkpoint(folder, weights, meta.model_copy(update={"metrics": metrics}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def early_exit_model_dir(
+    early_exit_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``early_exit_checkpoint`` exported by the real exporter (float32, opset 18, verified on 128 real test
+    images, with their early exits) into a model folder named ``tiny-early-exit``. Read-only: copy it before
+    changing anything."""
+    from export.build import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exported-early-exit") / "tiny-early-exit"
+    with one_torch_thread():
+        return export_checkpoint(early_exit_checkpoint, out, data_dir=cifar10_dir, num_images=128).folder
+
+
+@pytest.fixture(scope="session")
+def early_exit_fp16_model_dir(
+    early_exit_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``early_exit_checkpoint`` exported by the real exporter with ``fp16=True`` (float16 weights, inputs and
+    outputs), verified on 32 real test images: the weights of ``early_exit_model_dir`` in half precision."""
+    from export.build import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exported-early-exit-fp16") / "tiny-early-exit-fp16"
+    with one_torch_thread():
+        return export_checkpoint(early_exit_checkpoint, out, fp16=True, data_dir=cifar10_dir, num_images=32).folder
+
+
+@pytest.fixture(scope="session")
+def model_dir(early_exit_model_dir: Path) -> Path:
+    """The model folder the service and deployment tests serve: ``early_exit_model_dir``."""
+    return early_exit_model_dir

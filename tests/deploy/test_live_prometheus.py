@@ -35,14 +35,12 @@ import yaml
 
 from export.manifest import load_manifest
 
-# The synthetic model folder, the server launcher and the real images come from the service tests' fixtures.
-from tests.service.conftest import ServerProcess, cifar10_test_images, free_port, model_dir, start_server
+# The server launcher and the real images; the `model_dir` fixture comes from tests/conftest.py.
+from tests.server_process import ServerProcess, cifar10_test_images, free_port, start_server
 
 from . import PROMETHEUS_CONFIG, PROMETHEUS_DIR, REPO_ROOT, dashboard_queries, read_yaml, recording_rules
 
 pytestmark = pytest.mark.slow
-
-__all__ = ["model_dir"]  # a fixture: imported so that pytest sees it here
 
 SCRAPE_INTERVAL = "1s"
 STARTUP_TIMEOUT_S = 60.0

@@ -41,9 +41,9 @@ def test_each_app_has_its_own_registry(loaded_model, model_dir: Path) -> None:
     (metrics,) = request_all(second, [("GET", "/metrics")])
     assert metrics.status_code == 200
     assert 'ride_requests_total{route="/healthz",status="200"} 0.0' in metrics.text
-    assert 'ride_model_info{name="synthetic-ride3",provider="CPUExecutionProvider",version="0.0.1-test"} 1.0' in (
-        metrics.text
-    )
+    model = loaded_model.manifest.model
+    info = f'ride_model_info{{name="{model.name}",provider="CPUExecutionProvider",version="{model.version}"}} 1.0'
+    assert info in metrics.text
 
 
 def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> None:

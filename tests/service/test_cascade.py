@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.manifest import load_manifest
+from export.manifest import load_manifest, write_manifest
 from service.cascade import CostModel, run_cascade, sigmoid, softmax
 from service.images import ImageDecoder
 from service.model import load_model
-from tests.service.conftest import NUM_EXPERTS, build_synthetic_model_folder, without_routers
+from tests.service.conftest import NUM_EXPERTS
+
+
+def without_routers(source: Path, folder: Path) -> Path:
+    """A copy of the model folder ``source`` whose manifest has no routers (every request runs all experts)."""
+    manifest = load_manifest(source)
+    folder.mkdir(parents=True, exist_ok=True)
+    for graph in (manifest.graphs.trunk, *manifest.graphs.experts):
+        shutil.copy(source / graph.file, folder / graph.file)
+    changed = manifest.model_copy(
+        update={
+            "graphs": manifest.graphs.model_copy(update={"routers": []}),
+            "cascade": manifest.cascade.model_copy(
+                update={"has_routers": False, "all_experts_without_routers": True, "top_z": None}
+            ),
+        }
+    )
+    write_manifest(changed, folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +77,7 @@ def test_matches_row_by_row_reference(
 def test_rows_exit_early_at_the_default_threshold(loaded_model, images: np.ndarray) -> None:
     result = run_cascade(loaded_model, images, thresholds=0.5, max_experts=NUM_EXPERTS)
     counts = np.bincount(result.experts_used, minlength=NUM_EXPERTS + 1)[1:]
-    assert counts[0] > 0 and counts[-1] > 0, counts  # some rows stop at expert 1, some run all three
+    assert (counts > 0).all(), counts  # some rows stop at expert 1, some at expert 2, some run all three
     assert (result.relative_compute < 1.0).any()
 
 
@@ -123,13 +142,14 @@ def test_without_routers_every_row_runs_max_experts(model_dir: Path, tmp_path: P
     assert (two.experts_used == 2).all() and (two.routers_evaluated == 0).all()
 
 
-def test_float16_model_takes_float16_inputs(loaded_model, tmp_path: Path, images: np.ndarray) -> None:
-    half = load_model(
-        build_synthetic_model_folder(tmp_path / "fp16", precision="float16"), provider="cpu", shared_thread_pool=False
-    )
-    assert half.manifest.precision == "float16"
+def test_float16_model_takes_float16_inputs(loaded_model, early_exit_fp16_model_dir: Path, images: np.ndarray) -> None:
+    half = load_model(early_exit_fp16_model_dir, provider="cpu", shared_thread_pool=False)
+    assert half.manifest.precision == "float16" and half.manifest.input.dtype == "float16"
+    assert half.manifest.source_checkpoint == loaded_model.manifest.source_checkpoint  # the same weights
     rows = images[:16]
     result = run_cascade(half, rows, thresholds=0.0, max_experts=NUM_EXPERTS)
     reference = run_cascade(loaded_model, rows, thresholds=0.0, max_experts=NUM_EXPERTS)
     assert result.logits.dtype == np.float32
-    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=0.02)
+    # The exporter's own float16 tolerance on logits; the tiny model's probabilities then agree far closer.
+    np.testing.assert_allclose(result.logits, reference.logits, atol=0.05)
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=5e-3)

@@ -12,8 +12,11 @@ from PIL import Image
 from export.manifest import InputSpec
 from service import ImageTooLargeError, InvalidImageError
 from service.images import ImageDecoder, to_rgb
-from tests.service.conftest import MEAN, STD, cifar10_test_images, png_header
+from tests.server_process import cifar10_test_images
+from tests.service.conftest import png_header
 
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
 SPEC = InputSpec(height=32, width=32, mean=MEAN, std=STD)
 
 

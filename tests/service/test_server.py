@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.manifest import expert_file, load_manifest
 from service.cascade import run_cascade
 from service.images import ImageDecoder
-from tests.service.conftest import NUM_EXPERTS, ServerProcess, png_header, spawn_server, start_server
+from tests.server_process import ServerProcess, spawn_server, start_server
+from tests.service.conftest import NUM_EXPERTS, png_header
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -75,7 +76,8 @@ def test_classify_end_to_end(client: httpx.Client, test_images, loaded_model, mo
         "model", "label", "class_id", "probability", "top_k", "experts_used", "num_experts", "relative_compute",
         "timing_ms",
     }  # fmt: skip
-    assert body["model"] == {"name": "synthetic-ride3", "version": "0.0.1-test"}
+    model = load_manifest(model_dir).model
+    assert body["model"] == {"name": model.name, "version": model.version}
     assert len(body["top_k"]) == 3 and body["top_k"][0]["label"] == body["label"]
     assert body["num_experts"] == NUM_EXPERTS and 1 <= body["experts_used"] <= NUM_EXPERTS
     assert 0 < body["relative_compute"] <= 1
@@ -222,23 +224,24 @@ def test_every_image_mode_is_served(client: httpx.Client) -> None:
         assert response.status_code == 200, (name, response.text)
 
 
-def test_health_and_model_metadata(client: httpx.Client) -> None:
+def test_health_and_model_metadata(client: httpx.Client, model_dir: Path) -> None:
+    name = load_manifest(model_dir).model.name
     assert client.get("/healthz").json() == {"status": "alive"}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    assert client.get("/v2/models/synthetic-ride3/ready").json() == {"ready": True}
+    assert client.get(f"/v2/models/{name}/ready").json() == {"ready": True}
     (summary,) = client.get("/v1/models").json()["models"]
     assert summary["provider"] == "CPUExecutionProvider"
     assert (summary["num_experts"], summary["has_routers"], summary["default_threshold"]) == (NUM_EXPERTS, True, 0.5)
     cost = summary["cost"]
     assert cost["full_ensemble_macs"] == cost["trunk_macs"] + sum(cost["expert_macs"]) + sum(cost["router_macs"])
-    v2 = client.get("/v2/models/synthetic-ride3").json()
+    v2 = client.get(f"/v2/models/{name}").json()
     assert v2["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
     assert client.get("/docs").status_code == 200
 
 
-def test_metrics_add_up(server: ServerProcess, client: httpx.Client, test_images) -> None:
+def test_metrics_add_up(server: ServerProcess, client: httpx.Client, test_images, model_dir: Path) -> None:
     before = metrics(server)
     answers = [
         post_image(client, data, threshold=t).json()
@@ -263,10 +266,9 @@ def test_metrics_add_up(server: ServerProcess, client: httpx.Client, test_images
     assert sum(delta("ride_exits_total", expert=str(k)) for k in range(1, NUM_EXPERTS + 1)) == successes
     assert delta("ride_relative_compute_sum") == pytest.approx(sum(a["relative_compute"] for a in answers))
     assert delta("ride_inference_duration_seconds_count") == delta("ride_batch_size_count") >= 1
-    assert (
-        value(after, "ride_model_info", name="synthetic-ride3", version="0.0.1-test", provider="CPUExecutionProvider")
-        == 1
-    )
+    model = load_manifest(model_dir).model
+    info = {"name": model.name, "version": model.version, "provider": "CPUExecutionProvider"}
+    assert value(after, "ride_model_info", **info) == 1
     assert value(after, "ride_queue_depth") == 0
     buckets = {dict(labels)["le"] for name, labels in after if name == "ride_experts_used_bucket"}
     assert buckets == {"1.0", "2.0", "3.0", "+Inf"}

@@ -1,0 +1,105 @@
+"""Helpers for tests that run the real service: ``python -m service`` subprocesses on 127.0.0.1, free ports, and
+real CIFAR-10 test images as upload bytes. A plain module (not a conftest) so that any test package can import it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SERVER_START_TIMEOUT_S = 60.0
+
+
+def cifar10_test_dir() -> Path:
+    """The real CIFAR-10 test images (``RIDE_CIFAR10_DIR`` overrides ``../shared/data/cifar10``)."""
+    root = Path(os.environ.get("RIDE_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data" / "cifar10"))
+    return root / "test"
+
+
+def cifar10_test_images(per_class: int) -> list[tuple[str, bytes]]:
+    """(class name, JPEG bytes) of the first ``per_class`` test images of every class, in a fixed order.
+
+    Skips the calling test when the image folder is absent."""
+    folder = cifar10_test_dir()
+    if not folder.is_dir():
+        pytest.skip(f"CIFAR-10 test images not found at {folder} (set RIDE_CIFAR10_DIR)")
+    images = []
+    for name in CIFAR10_CLASSES:
+        for path in sorted((folder / name).glob("*.jpg"))[:per_class]:
+            images.append((name, path.read_bytes()))
+    return images
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A ``python -m service`` subprocess on 127.0.0.1."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout)
+
+
+def spawn_server(model_dir: Path, log_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m service`` on a free port without waiting; ``env`` are extra RIDE_* variables."""
+    port = free_port()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return process, port
+
+
+def start_server(model_dir: Path, log_path: Path, **env: str) -> ServerProcess:
+    """Start a server and wait until /readyz answers 200 (raises RuntimeError, with the log, if it never does)."""
+    import httpx
+
+    process, port = spawn_server(model_dir, log_path, **env)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{server.log()}")
