@@ -16,8 +16,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from export.manifest import ManifestError
-from service import ModelLoadError
 from service.api import create_app
+from service.errors import ModelLoadError
 from service.settings import Settings
 
 logger = logging.getLogger("service")

@@ -1,7 +1,7 @@
 """The HTTP layer: `create_app(settings)` builds a FastAPI app around a loaded model.
 
 Endpoints are thin: they turn HTTP into calls on the decoder, the batcher and the model, and typed responses
-back. Every error a client can cause is a `service.ServiceError`; `ERROR_STATUS` below is the one place that maps
+back. Every error a client can cause is a `service.errors.ServiceError`; `ERROR_STATUS` below is the one place that maps
 them to HTTP status codes, and every non-2xx reply (FastAPI's own 404/405/422 included) has the body
 ``{"error": {"code", "message"}}``.
 """
@@ -25,7 +25,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import (
+from service.batcher import Batcher, RowResult
+from service.cascade import CascadeResult, run_cascade
+from service.errors import (
     ImageTooLargeError,
     InvalidImageError,
     InvalidParameterError,
@@ -36,8 +38,6 @@ from service import (
     ServiceError,
     UnsupportedMediaTypeError,
 )
-from service.batcher import Batcher, RowResult
-from service.cascade import CascadeResult, run_cascade
 from service.images import ImageDecoder
 from service.metrics import EXPOSITION_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
 from service.model import CUDA, OnnxModel, load_model, warm_up

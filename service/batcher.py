@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import NotReadyError, OverloadedError
 from service.cascade import CascadeResult
+from service.errors import NotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.manifest import InputSpec
-from service import ImageTooLargeError, InvalidImageError, ServiceError
+from service.errors import ImageTooLargeError, InvalidImageError, ServiceError
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,

@@ -27,8 +27,8 @@ from export.manifest import (
     ManifestError,
     load_manifest,
 )
-from service import ModelLoadError
 from service.cascade import CostModel, run_cascade
+from service.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from export.manifest import load_manifest
-from service import NotReadyError, OverloadedError
 from service.batcher import Batcher
 from service.cascade import run_cascade
+from service.errors import NotReadyError, OverloadedError
 from service.images import ImageDecoder
 from tests.service.conftest import NUM_EXPERTS
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from export.manifest import InputSpec
-from service import ImageTooLargeError, InvalidImageError
+from service.errors import ImageTooLargeError, InvalidImageError
 from service.images import ImageDecoder, to_rgb
 from tests.server_process import cifar10_test_images
 from tests.service.conftest import png_header

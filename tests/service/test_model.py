@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from export.manifest import MANIFEST_NAME, expert_file, load_manifest, router_file, sha256_file
-from service import ModelLoadError
+from service.errors import ModelLoadError
 from service.model import CPU, CUDA, load_model, requested_providers
 
 

@@ -1,0 +1,62 @@
+"""Domain errors of the service; `service.api` maps each one to an HTTP status in a single table, so the modules
+that raise them know nothing about HTTP."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a client; ``code`` is the stable machine-readable name."""
+
+    code = "internal_error"
+
+
+class InvalidImageError(ServiceError):
+    """The body is not an image Pillow can decode (empty, truncated, not an image)."""
+
+    code = "invalid_image"
+
+
+class PayloadTooLargeError(ServiceError):
+    """The body is larger than the configured byte limit."""
+
+    code = "payload_too_large"
+
+
+class ImageTooLargeError(ServiceError):
+    """The image has more pixels than the configured limit (decompression bombs included)."""
+
+    code = "image_too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """The request's content type is not an image (nor multipart/form-data holding one)."""
+
+    code = "unsupported_media_type"
+
+
+class InvalidParameterError(ServiceError):
+    """A query parameter or form field is missing or out of range."""
+
+    code = "invalid_parameter"
+
+
+class ModelNotFoundError(ServiceError):
+    """A model name that this server does not serve."""
+
+    code = "model_not_found"
+
+
+class OverloadedError(ServiceError):
+    """The request queue is full; the client should retry later."""
+
+    code = "overloaded"
+
+
+class NotReadyError(ServiceError):
+    """The model is not loaded and warm yet, or the server is shutting down."""
+
+    code = "not_ready"
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder cannot be served (bad manifest, hash mismatch, graph that onnxruntime rejects)."""
