@@ -265,10 +265,18 @@ def plot_per_class(path: Path, metrics: dict[str, Any], meta: CheckpointMeta) ->
     counts_axis.plot(range(len(names)), meta.class_counts, color="black", marker=".", linewidth=1)
     counts_axis.set_yscale("log")
     counts_axis.set_ylabel("training images (log)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, [f"{g}-shot" for g in colours], loc="upper right", fontsize=8)
+    handles: list[Any] = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    labels = [f"{g}-shot" for g in colours]
     overall = metrics["all_experts"]["top1"] * 100
-    ax.set_title(f"{meta.name}: per-class accuracy (overall {overall:.2f} %)")
+    title = f"{meta.name}: per-class accuracy (all experts {overall:.2f} %"
+    if "routed" in metrics:
+        # Routed accuracy as a marker over each bar: where early exit costs (or gains) accuracy, per class.
+        routed = [metrics["routed"]["per_class"][n] * 100 for n in names]
+        handles += ax.plot(range(len(names)), routed, linestyle="none", marker="_", markersize=14, color="black")
+        labels.append("routed")
+        title += f", routed {metrics['routed']['top1'] * 100:.2f} %"
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.set_title(title + ")")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
