@@ -49,7 +49,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """A ``python -m service`` subprocess on 127.0.0.1."""
+    """A server subprocess on 127.0.0.1: ``python -m service``, or Prometheus in the deploy tests."""
 
     process: subprocess.Popen
     url: str

@@ -18,13 +18,11 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -52,27 +50,6 @@ TRAFFIC_WORKERS = 4
 REQUEST_PARAMS = ({}, {"max_experts": 1}, {"threshold": 0.0}, {"top_k": 3})
 
 
-@dataclass
-class PrometheusProcess:
-    """A `prometheus` subprocess on 127.0.0.1."""
-
-    process: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
-
-
 def local_prometheus_config(target: str) -> dict[str, Any]:
     """The project's prometheus.yml, scraping ``target`` every second and evaluating rules every second."""
     config = copy.deepcopy(read_yaml(PROMETHEUS_CONFIG))
@@ -87,7 +64,7 @@ def local_prometheus_config(target: str) -> dict[str, Any]:
     return config
 
 
-def start_prometheus(config: dict[str, Any], workdir: Path) -> PrometheusProcess:
+def start_prometheus(config: dict[str, Any], workdir: Path) -> ServerProcess:
     """Start Prometheus with ``config`` (its rule files copied beside it) and wait until it is ready."""
     binary = shutil.which("prometheus")
     if binary is None:
@@ -109,7 +86,7 @@ def start_prometheus(config: dict[str, Any], workdir: Path) -> PrometheusProcess
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    prometheus = PrometheusProcess(process, f"http://127.0.0.1:{port}", log_path)
+    prometheus = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -188,7 +165,7 @@ def ride_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture(scope="module")
-def prometheus(ride_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusProcess]:
+def prometheus(ride_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     target = ride_server.url.removeprefix("http://")
     running = start_prometheus(local_prometheus_config(target), tmp_path_factory.mktemp("prometheus"))
     yield running
@@ -196,7 +173,7 @@ def prometheus(ride_server: ServerProcess, tmp_path_factory: pytest.TempPathFact
 
 
 def test_every_dashboard_query_and_recording_rule_returns_data(
-    ride_server: ServerProcess, prometheus: PrometheusProcess
+    ride_server: ServerProcess, prometheus: ServerProcess
 ) -> None:
     images = [data for _, data in cifar10_test_images(per_class=4)]
     expressions = {str(q): q.expr for q in dashboard_queries()}
