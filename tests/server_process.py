@@ -69,6 +69,23 @@ class ServerProcess:
             self.process.kill()
             return self.process.wait(timeout)
 
+    def wait_ready(self, path: str, timeout_s: float, *, poll_s: float, name: str) -> ServerProcess:
+        """Poll ``path`` until it answers 200; stop the process and raise RuntimeError (with the log) otherwise."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}{path}", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(poll_s)
+        self.stop()
+        raise RuntimeError(f"{name} not ready after {timeout_s} s:\n{self.log()}")
+
 
 def spawn_server(model_dir: Path, log_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
     """Start ``python -m service`` on a free port without waiting; ``env`` are extra RIDE_* variables."""
@@ -87,19 +104,6 @@ def spawn_server(model_dir: Path, log_path: Path, **env: str) -> tuple[subproces
 
 def start_server(model_dir: Path, log_path: Path, **env: str) -> ServerProcess:
     """Start a server and wait until /readyz answers 200 (raises RuntimeError, with the log, if it never does)."""
-    import httpx
-
     process, port = spawn_server(model_dir, log_path, **env)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{server.log()}")
+    return server.wait_ready("/readyz", SERVER_START_TIMEOUT_S, poll_s=0.1, name="server")

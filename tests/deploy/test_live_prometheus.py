@@ -87,18 +87,7 @@ def start_prometheus(config: dict[str, Any], workdir: Path) -> ServerProcess:
             stderr=subprocess.STDOUT,
         )
     prometheus = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{prometheus.log()}")
-        try:
-            if httpx.get(f"{prometheus.url}/-/ready", timeout=1.0).status_code == 200:
-                return prometheus
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    prometheus.stop()
-    raise RuntimeError(f"prometheus not ready after {STARTUP_TIMEOUT_S} s:\n{prometheus.log()}")
+    return prometheus.wait_ready("/-/ready", STARTUP_TIMEOUT_S, poll_s=0.2, name="prometheus")
 
 
 class Traffic:
