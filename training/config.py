@@ -97,12 +97,32 @@ class ScheduleConfig(_Section):
 
 
 class RuntimeConfig(_Section):
+    """How a run executes. None of these keys changes what is trained, so a run may resume with other values."""
+
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(False, description="CUDA only: mixed precision (bfloat16 autocast).")
-    channels_last: bool = False
-    checkpoint_every: int = Field(5, ge=1, description="Save a resumable state every N epochs.")
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default all cores.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Training compute precision. 'bf16' is autocast with the classifier heads and the loss in fp32; "
+        "'auto' picks it where the hardware runs bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), "
+        "fp32 elsewhere. Evaluation always runs in fp32.",
+    )
+    channels_last: bool = Field(True, description="NHWC memory layout for the convolutions (faster in oneDNN/cuDNN).")
+    compile: bool = Field(False, description="torch.compile (inductor) the training forward; pays off on long runs.")
+    fused_optimizer: bool = Field(True, description="Fused SGD step (one kernel over all parameters).")
+    checkpoint_every: int = Field(2, ge=1, description="Save a resumable state every N epochs.")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: physical cores.")
+    eval_batch_size: int = Field(1024, ge=1, description="Batch size of evaluation passes (no gradients kept).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_amp(cls, data: Any) -> Any:
+        # Checkpoints written before `precision` existed store `amp` (CUDA-only bf16 autocast).
+        if isinstance(data, dict) and "amp" in data:
+            data = dict(data)
+            amp = data.pop("amp")
+            data.setdefault("precision", "bf16" if amp else "fp32")
+        return data
 
 
 class RouterConfig(_Section):
@@ -202,3 +222,39 @@ def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) 
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
     return config_from_dict(apply_overrides(raw, list(overrides)), source)
+
+
+# Keys a resumed run may change: where and how fast it runs, and where its data lives. Everything else (data
+# selection, model, loss, optimiser, schedule, seed) decides what is trained, so it must match the interrupted run.
+RESUMABLE_CHANGES = (
+    "runtime.device",
+    "runtime.precision",
+    "runtime.channels_last",
+    "runtime.compile",
+    "runtime.fused_optimizer",
+    "runtime.checkpoint_every",
+    "runtime.num_threads",
+    "runtime.eval_batch_size",
+    "data.root",
+    "data.cache_dir",
+)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(original: TrainConfig, new: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: original -> new`` for every dotted key whose value differs, except the ``ignore`` keys."""
+    before, after = _flatten(original.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in ignore and before.get(key) != after.get(key)
+    ]

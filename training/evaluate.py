@@ -31,7 +31,6 @@ PER_CLASS_PLOT = "per_class_accuracy.png"
 GROUPS = ("many", "medium", "few")
 
 
-@torch.no_grad()
 def predict(
     model: RIDEModel,
     images: torch.Tensor,
@@ -39,16 +38,18 @@ def predict(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    batch_size: int = 500,
+    batch_size: int = 1024,
 ) -> ExpertOutputs:
-    """Per-expert logits and features for ``uint8`` images, in eval mode, gathered on the CPU."""
+    """Per-expert logits and features for ``uint8`` images, in eval mode and fp32, gathered on the CPU."""
     model.eval()
     logits, features = [], []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device), mean, std)
-        out = model(batch)
-        logits.append(out.logits.float().cpu())
-        features.append(out.features.float().cpu())
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start : start + batch_size].to(device), mean, std)
+            out = model(batch)
+            logits.append(out.logits.float().cpu())
+            features.append(out.features.float().cpu())
+    # Concatenated outside inference mode, so callers get ordinary tensors they may modify in place.
     return ExpertOutputs(torch.cat(logits), torch.cat(features))
 
 
@@ -92,10 +93,13 @@ def evaluate_model(
     device: torch.device,
     routers: Routers | None = None,
     threshold: float = 0.5,
+    batch_size: int = 1024,
 ) -> dict[str, Any]:
     """Metrics of the all-experts model on the test split, per-expert accuracy, parameters and MACs; with
     ``routers`` also the routed cascade at ``threshold`` (``metrics["routed"]``)."""
-    outputs = predict(model, data.test.images, mean=meta.input.mean, std=meta.input.std, device=device)
+    outputs = predict(
+        model, data.test.images, mean=meta.input.mean, std=meta.input.std, device=device, batch_size=batch_size
+    )
     return metrics_from_outputs(model, outputs, data.test, meta, routers=routers, threshold=threshold)
 
 

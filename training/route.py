@@ -247,7 +247,6 @@ def train_routers(
         weight_decay=router_cfg.weight_decay,
     )
     augment = BatchAugment.from_config(cfg.data)
-    use_amp = cfg.runtime.amp and device.type == "cuda"
     records = []
     for epoch in tqdm(range(1, router_cfg.epochs + 1), desc="routers", unit="epoch", disable=not progress):
         lr = cosine_lr(router_cfg.lr, epoch, router_cfg.epochs)
@@ -261,7 +260,8 @@ def train_routers(
         for indices in order.split(router_cfg.batch_size):
             images = augment(train_set.images[indices].to(device, non_blocking=True), generator)
             labels = train_set.labels[indices].to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            # fp32 whatever runtime.precision says: the routers must learn on the inputs the served fp32 graphs give.
+            with torch.no_grad():
                 outputs = model(images)
             loss, targets = routing_loss(
                 routers, outputs.logits.float(), outputs.features.float(), labels, router_cfg.pos_weight

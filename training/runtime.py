@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError
+from training.config import ConfigError, RuntimeConfig
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,62 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_runs_bf16_natively() -> bool:
+    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32.
+
+    Machines of the same fleet differ (some have AVX2 only), so this is read at run time, never assumed.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        capabilities = get_capabilities()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype:
+    """The training compute dtype for ``runtime.precision`` on ``device`` ('auto': bf16 only where it is native)."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_runs_bf16_natively() else torch.float32
+
+
+def default_num_threads() -> int:
+    """Physical cores: a second hyper-thread per core slows oneDNN's convolutions down rather than up."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    physical = get_capabilities().get("num_physical_cores") if get_capabilities is not None else None
+    return int(physical) if physical else max(1, (os.cpu_count() or 1))
+
+
+def describe_execution(cfg: RuntimeConfig, device: torch.device) -> str:
+    """One line for the run's log: precision (and why), memory layout, compilation, threads."""
+    dtype = resolve_precision(cfg.precision, device)
+    precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
+    if cfg.precision == "auto" and device.type == "cpu":
+        precision += " (CPU has native bf16)" if dtype == torch.bfloat16 else " (no native bf16 on this CPU)"
+    parts = [precision, "channels-last" if cfg.channels_last else "NCHW"]
+    if cfg.compile:
+        parts.append("torch.compile")
+    if device.type == "cpu":
+        parts.append(f"{torch.get_num_threads()} threads")
+    return ", ".join(parts)
+
+
 def start_runtime(device_choice: str, num_threads: int | None = None) -> Runtime:
     """Set up the device and, when launched by torchrun (WORLD_SIZE > 1), the process group."""
     device = resolve_device(device_choice)
-    if num_threads is not None:
+    if device.type == "cpu":
+        # torchrun starts LOCAL_WORLD_SIZE processes on this host: they share its cores.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(num_threads or max(1, default_num_threads() // local_processes))
+    elif num_threads is not None:
         torch.set_num_threads(num_threads)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:

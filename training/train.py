@@ -31,18 +31,26 @@ from training.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from training.config import ConfigError, TrainConfig
+from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
 from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
 from training.evaluate import evaluate_model, print_summary, write_report
 from training.losses import ExpertLoss, build_loss
 from training.models import RIDEModel, build_model
-from training.runtime import Runtime, all_reduce_sum, start_runtime, stop_runtime
+from training.runtime import (
+    Runtime,
+    all_reduce_sum,
+    describe_execution,
+    resolve_precision,
+    start_runtime,
+    stop_runtime,
+)
 from training.schedule import drw_epoch, lr_factor, resolve_schedule
 
 if TYPE_CHECKING:
     from training.distill import Teacher
 
 LOG_FILE = "log.jsonl"
+PROGRESS_EVERY = 10  # steps between progress-bar updates (each one reads the statistics back to the host)
 
 
 @dataclass
@@ -85,18 +93,20 @@ def train_one_epoch(
     batches = iterate_batches(
         len(train_set), cfg.optim.batch_size, shuffle=True, seed=cfg.runtime.seed, epoch=epoch, drop_last=False
     )
-    device, use_amp = runtime.device, cfg.runtime.amp and runtime.device.type == "cuda"
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, images
+    device = runtime.device
+    compute_dtype = resolve_precision(cfg.runtime.precision, device)
+    # Statistics stay on the training device: no host sync per step, and NCCL reduces only device tensors.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
     started = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.schedule.epochs}", leave=False, disable=not progress, unit="batch")
-    for indices in bar:
+    for step, indices in enumerate(bar):
         # Each rank takes its share of the global batch, so the global batch is the same at any world size.
         indices = indices[runtime.rank :: runtime.world_size]
         images = augment(train_set.images[indices].to(device, non_blocking=True), generator)
         if cfg.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = train_set.labels[indices].to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
             outputs = model(images)
             teacher_mean = teacher.mean_logits(images) if teacher is not None else None
         loss = loss_fn(outputs.logits.float(), targets)
@@ -107,14 +117,17 @@ def train_one_epoch(
         optimizer.step()
         with torch.no_grad():
             correct = (outputs.logits.float().mean(dim=1).argmax(dim=1) == targets).sum()
-            totals += torch.stack([loss.detach() * len(targets), correct, torch.tensor(len(targets))]).cpu().double()
-        seen = totals[2].item()
-        bar.set_postfix(
-            loss=f"{totals[0].item() / seen:.3f}",
-            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-            img_s=f"{seen * runtime.world_size / (time.perf_counter() - started):.0f}",
-        )
-    totals = all_reduce_sum(totals, runtime)
+            totals[0] += loss.detach() * len(targets)
+            totals[1] += correct
+            totals[2] += len(targets)
+        if progress and step % PROGRESS_EVERY == 0:
+            seen = totals[2].item()
+            bar.set_postfix(
+                loss=f"{totals[0].item() / max(seen, 1):.3f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{seen * runtime.world_size / (time.perf_counter() - started):.0f}",
+            )
+    totals = all_reduce_sum(totals, runtime).cpu()
     seconds = time.perf_counter() - started
     return EpochStats(totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), int(totals[2]), seconds)
 
@@ -143,12 +156,27 @@ def _build_meta(
     )
 
 
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored momentum buffers their parameter's device and memory format (channels-last included):
+    a buffer laid out unlike its parameter takes the optimizer off its fused/foreach fast path."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[key] = torch.empty_like(param).copy_(value)
+                elif isinstance(value, torch.Tensor):
+                    state[key] = value.to(param.device)
+
+
 def _check_resumable(cfg: TrainConfig, meta: CheckpointMeta, data: LongTailData) -> None:
-    if meta.model != cfg.model:
+    changed = config_differences(meta.config, cfg, ignore=RESUMABLE_CHANGES)
+    if changed:
         raise ConfigError(
-            "cannot resume: the checkpoint's architecture differs from the config "
-            f"(checkpoint: {meta.model.model_dump()}, config: {cfg.model.model_dump()}); "
-            "resume with the original config or train into a new --out folder"
+            "cannot resume: the config differs from the one the interrupted run started with, in "
+            + "; ".join(changed)
+            + ". Resume with the original config (only runtime settings and data paths may change), "
+            "or train into a new --out folder"
         )
     if meta.class_names != data.class_names or meta.class_counts != data.class_counts:
         raise ConfigError("cannot resume: the training data (classes or counts) differ from the interrupted run")
@@ -196,12 +224,16 @@ def _train(
     torch.manual_seed(cfg.runtime.seed)
     model: RIDEModel = build_model(cfg.model, data.num_classes)
     loss_fn = build_loss(cfg.loss, data.class_counts, logit_scale(cfg), drw_epoch(cfg.loss, schedule))
+    model.to(runtime.device)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=cfg.optim.lr,
         momentum=cfg.optim.momentum,
         nesterov=cfg.optim.nesterov,
         weight_decay=cfg.optim.weight_decay,
+        fused=cfg.runtime.fused_optimizer or None,
     )
     start_epoch = 1
     if resume:
@@ -211,21 +243,20 @@ def _train(
             raise ConfigError("cannot resume: the interrupted run was trained with another teacher (or none)")
         load_into(model, weights, f"checkpoint {out}")
         start_epoch = load_train_state(out, optimizer, _parameter_names(model)) + 1
-    model.to(runtime.device)
+        _match_parameter_layout(optimizer)
     loss_fn.to(runtime.device)
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            state[key] = value.to(runtime.device)
-    if cfg.runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
     train_set = ImageSet(data.train.images.to(runtime.device), data.train.labels.to(runtime.device))
     net: nn.Module = DistributedDataParallel(model) if runtime.distributed else model
+    if cfg.runtime.compile:
+        # Evaluation and checkpoints use `model` itself; only the training forward goes through the compiled one.
+        net = torch.compile(net)
     augment = BatchAugment.from_config(cfg.data)
     if runtime.is_main:
         print(
             f"training {cfg.name}: {cfg.model.arch} x{cfg.model.num_experts} on {len(data.train)} images "
             f"({data.num_classes} classes), epochs {start_epoch}..{schedule.epochs}, device {runtime.device}"
             + (f", {runtime.world_size} processes" if runtime.distributed else "")
+            + f", {describe_execution(cfg.runtime, runtime.device)}"
         )
     epochs_bar = tqdm(range(start_epoch, schedule.epochs + 1), desc="train", unit="epoch", disable=not runtime.is_main)
     for epoch in epochs_bar:
@@ -266,7 +297,7 @@ def _train(
     if not runtime.is_main:
         return out
     meta = _build_meta(cfg, data, schedule.epochs, complete=True, teacher=teacher)
-    metrics = evaluate_model(model, data, meta, device=runtime.device)
+    metrics = evaluate_model(model, data, meta, device=runtime.device, batch_size=cfg.runtime.eval_batch_size)
     metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": record_last(out)}
     if teacher is not None:
         metrics["distillation"] = teacher.describe()

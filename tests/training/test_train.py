@@ -14,7 +14,7 @@ import torch
 
 from training import train as train_module
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
-from training.config import load_config
+from training.config import ConfigError, load_config
 from training.evaluate import METRICS_FILE, PER_CLASS_PLOT
 from training.train import LOG_FILE, train
 
@@ -106,6 +106,34 @@ def test_resume_reproduces_the_uninterrupted_run(
     assert not different, different[:5]
 
 
+def test_resume_names_every_changed_key_and_accepts_runtime_changes(
+    small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("model.num_experts=2", "schedule.epochs=2", "runtime.checkpoint_every=1", "optim.batch_size=200")
+    real_epoch = train_module.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(small_folder, tmp_path, *extra), out=tmp_path / "run")
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+
+    changed = _config(small_folder, tmp_path, *extra, "optim.lr=0.05", "loss.max_margin=0.3")
+    with pytest.raises(ConfigError) as error:
+        train(changed, out=tmp_path / "run", resume=True)
+    assert "loss.max_margin: 0.5 -> 0.3" in str(error.value) and "optim.lr: 0.1 -> 0.05" in str(error.value)
+    assert load_meta(tmp_path / "run").epoch == 1  # nothing was touched
+
+    # Another machine: other precision, layout and optimiser kernel. What is trained is the same recipe.
+    elsewhere = ("runtime.precision=fp32", "runtime.channels_last=false", "runtime.fused_optimizer=false")
+    train(_config(small_folder, tmp_path, *extra, *elsewhere), out=tmp_path / "run", resume=True)
+    assert load_meta(tmp_path / "run").complete
+
+
 def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "training.run", *args],
@@ -174,6 +202,6 @@ def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(small_folde
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
 
     other = _run_cli(*base, "--set", "model.num_experts=3", "--resume")
-    assert other.returncode == 2 and "architecture differs" in other.stderr and "Traceback" not in other.stderr
+    assert other.returncode == 2 and "model.num_experts: 2 -> 3" in other.stderr and "Traceback" not in other.stderr
     assert (tmp_path / "r" / WEIGHTS_FILE).read_bytes() == before
     assert json.loads((tmp_path / "r" / META_FILE).read_text())["complete"] is True

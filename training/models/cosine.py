@@ -30,7 +30,17 @@ class CosineClassifier(nn.Module):
             self.weight.uniform_(-1.0, 1.0).renorm_(2, 1, 1e-5).mul_(1e5)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Map features ``[B, in_features]`` to scaled logits ``[B, out_features]`` in ``[-s, s]``."""
+        """Map features ``[B, in_features]`` to scaled logits ``[B, out_features]`` in ``[-s, s]``.
+
+        Always computed in fp32: under bf16 autocast the cosine (8 significant bits) times s = 30 moves logits by
+        up to about 0.1, which is the size of the LDAM margins the loss works with.
+        """
+        if torch.is_autocast_enabled(x.device.type):  # checked first so that exported graphs hold no autocast scope
+            with torch.autocast(x.device.type, enabled=False):
+                return self._scaled_cosine(x.float())
+        return self._scaled_cosine(x)
+
+    def _scaled_cosine(self, x: Tensor) -> Tensor:
         return self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0))
 
     def extra_repr(self) -> str:
