@@ -61,7 +61,8 @@ def tiny_config_dict(data_dir: Path, cache_dir: Path) -> dict:
         "model": {"arch": "ride_resnet32", "num_experts": 3},
         "optim": {"batch_size": 32},
         "schedule": {"epochs": 1},
-        "runtime": {"seed": 0, "device": "cpu", "checkpoint_every": 100},
+        # fp32 NCHW on every machine, so the tiny model is the same whether or not the CPU has native bf16.
+        "runtime": {"seed": 0, "device": "cpu", "checkpoint_every": 100, "precision": "fp32", "channels_last": False},
         "router": {"epochs": 1, "batch_size": 64},
     }
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training.run {train,evaluate,route,distill} ...``.
+"""Command line: ``python -m training.run {train,evaluate,route,distill,recipe} ...``.
 
 Every expected failure (bad config, bad data, bad checkpoint) ends with one ``error:`` line and exit status 2,
 never a traceback from deep inside torch.
@@ -78,6 +78,20 @@ def cmd_distill(args: argparse.Namespace) -> None:
     distill(cfg, teacher=args.teacher, out=out, data_dir=args.data_dir, resume=args.resume)
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from training.recipe import run_recipe
+
+    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    run_recipe(
+        cfg,
+        out=args.out,
+        data_dir=args.data_dir,
+        target_compute=args.target_compute,
+        export_to=args.export,
+        status_only=args.status,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", type=Path, help="checkpoint folder (default runs/<name>)")
     distill.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     distill.set_defaults(handler=cmd_distill)
+
+    recipe = commands.add_parser(
+        "recipe", help="start or continue the whole recipe (stage 1, routers, export) and say where it stands"
+    )
+    _config_arguments(recipe, required=True)
+    _common_arguments(recipe)
+    recipe.add_argument("--out", type=Path, required=True, help="stage-1 folder; DIR-routers and DIR-model follow it")
+    recipe.add_argument("--target-compute", type=float, metavar="F", help="stage 2 threshold for this compute target")
+    recipe.add_argument("--export", type=Path, help="model folder to export to (default DIR-model)")
+    recipe.add_argument("--status", action="store_true", help="only say where the recipe stands")
+    recipe.set_defaults(handler=cmd_recipe)
     return parser
 
 
