@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # RIDE Serve images (see deploy/README.md).
 #
 #   docker build --target serve -t ride-serve:gpu .                    # onnxruntime-gpu + CUDA/cuDNN from pip, no torch
@@ -8,6 +6,15 @@
 #
 # Each image's virtual environment is built in its own builder stage and copied into a clean stage, so the
 # final images hold no pip cache, no source tree and no build tools.
+#
+# No `# syntax=` line: everything used here (RUN --mount of type cache, secret and tmpfs) is in the Dockerfile
+# frontend built into BuildKit and Podman, so a build needs no registry for the frontend.
+#
+# Behind a TLS-inspecting proxy, pass its CA bundle as a build secret; pip then trusts it in addition to its own
+# roots, and the bundle never lands in an image layer:
+#   docker build --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_FIND_LINKS build arguments reach pip in the builder stages only, e.g.
+#   --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu   # the CPU build of torch for `train`
 
 # The tag says what it is; the digest makes the build reproducible. Override both at once if the digest ages out.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
@@ -34,14 +41,30 @@ COPY service/ service/
 FROM source AS serve-venv
 # gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from its pip extras; cpu: the CPU-only onnxruntime.
 ARG ORT=gpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_ca \
+    --mount=type=tmpfs,target=/run/pip-ca \
     case "${ORT}" in gpu|cpu) ;; *) echo "ORT must be gpu or cpu, not '${ORT}'" >&2; exit 1 ;; esac \
     && python -m venv "${VIRTUAL_ENV}" \
+    && if [ -s /run/secrets/pip_ca ]; then \
+        cat "$(python -c 'from pip._vendor import certifi; print(certifi.where())')" /run/secrets/pip_ca \
+            > /run/pip-ca/ca.pem && export PIP_CERT=/run/pip-ca/ca.pem; fi \
     && pip install "./[serve,${ORT}]"
 
 FROM source AS train-venv
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_ca \
+    --mount=type=tmpfs,target=/run/pip-ca \
     python -m venv "${VIRTUAL_ENV}" \
+    && if [ -s /run/secrets/pip_ca ]; then \
+        cat "$(python -c 'from pip._vendor import certifi; print(certifi.where())')" /run/secrets/pip_ca \
+            > /run/pip-ca/ca.pem && export PIP_CERT=/run/pip-ca/ca.pem; fi \
     && pip install "./[train]"
 
 # ---------------------------------------------------------------------------------------------------------------
