@@ -84,7 +84,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     for handled in (signal.SIGTERM, signal.SIGINT):
         signal.signal(handled, _keep_exit_status_zero)
-    server.run()
+    try:
+        server.run()
+    except SystemExit as stop:
+        # uvicorn exits with its own status (3) when the app's start-up fails or it cannot bind; its log line
+        # above says why. Start-up problems keep the documented status 1.
+        if stop.code in (0, None):
+            raise
+        if getattr(server.lifespan, "startup_failed", False):
+            print("error: the application's start-up failed (see the log above)", file=sys.stderr)
+        else:
+            print(
+                f"error: cannot listen on {settings.host}:{settings.port}: the address is in use or not available "
+                "(set --port / RIDE_PORT, or --host / RIDE_HOST)",
+                file=sys.stderr,
+            )
+        return 1
     return 0 if server.started else 1
 
 

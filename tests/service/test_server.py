@@ -6,7 +6,9 @@ import asyncio
 import io
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.manifest import expert_file, load_manifest
 from service.cascade import run_cascade
 from service.images import ImageDecoder
-from tests.server_process import ServerProcess, spawn_server, start_server
+from tests.server_process import REPO_ROOT, ServerProcess, spawn_server, start_server
 from tests.service.conftest import NUM_EXPERTS, png_header
 
 Samples = dict[tuple[str, frozenset], float]
@@ -325,3 +327,22 @@ def test_full_queue_then_sigterm_answers_every_request_in_flight(model_dir: Path
         assert server.process.wait(timeout=30) == 0
     finally:
         server.stop()
+
+
+def test_port_in_use_exits_1_with_one_error_line(model_dir: Path, tmp_path: Path) -> None:
+    """The documented exit status for "the server cannot start" is 1 (uvicorn itself exits 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"127.0.0.1:{port}" in line and "in use" in line
