@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from export.manifest import ManifestError
 from service.api import create_app
+from service.cpu_quota import cgroup_cpu_limit
 from service.errors import ModelLoadError
 from service.settings import Settings
 
@@ -39,6 +40,12 @@ def _keep_exit_status_zero(signum: int, frame: object) -> None:
     # uvicorn re-raises the signal it handled once its graceful shutdown is over, through the handler that was
     # installed before it started: this one, so that a requested shutdown ends with status 0, not -SIGTERM.
     logger.info("shutdown after signal %d complete", signum)
+
+
+def _threads_note(intra_op_threads: int) -> str:
+    quota = cgroup_cpu_limit()
+    threads = "one per core" if intra_op_threads == 0 else str(intra_op_threads)
+    return f"intra-op threads: {threads} (cgroup CPU quota: {'none' if quota is None else f'{quota:g}'})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,13 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = app.state.service
     manifest = state.model.manifest
     logger.info(
-        "serving %s %s (%d experts, routers: %s) from %s with provider %s",
+        "serving %s %s (%d experts, routers: %s) from %s with provider %s, %s",
         manifest.model.name,
         manifest.model.version,
         manifest.cascade.num_experts,
         manifest.cascade.has_routers,
         settings.model_dir,
         state.model.provider,
+        _threads_note(settings.intra_op_threads),
     )
     config = uvicorn.Config(
         app,

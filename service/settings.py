@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cpu_quota import default_intra_op_threads
+
 # Resolved from this file, not from the working directory, so that the default works wherever the server starts.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "cifar10-lt-ride4"
@@ -37,7 +39,12 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when it really runs, else CPU; cuda: refuse to start without CUDA."
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="Threads of the process-wide onnxruntime pool on CPU (0: one per physical core)."
+        default_factory=default_intra_op_threads,
+        ge=0,
+        description=(
+            "Threads of the process-wide onnxruntime pool on CPU (0: one per physical core). Default: the cgroup "
+            "CPU quota (a container's `cpus:` or a Kubernetes CPU limit) rounded down, else 0."
+        ),
     )
     inter_op_threads: int = Field(1, ge=0, description="Inter-op threads of that pool (0: onnxruntime's default).")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
