@@ -20,6 +20,7 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -406,7 +407,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
             warming.cancel()
             await state.batcher.stop(settings.shutdown_timeout_s)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with locally served assets (no CDN)
         title="RIDE Serve",
         summary="Long-tailed image classification with an early-exit expert cascade.",
         version=model.manifest.model.version,
