@@ -49,6 +49,28 @@ def requested_providers(choice: str) -> list[str]:
     raise ValueError(f"unknown provider choice {choice!r}: expected auto, cpu or cuda")
 
 
+# What the GPU image's onnxruntime-gpu (1.31, built for CUDA 13) needs from the host; deploy/README.md says the same.
+GPU_REQUIREMENTS = (
+    "the GPU image's onnxruntime-gpu is built for CUDA 13: it needs an NVIDIA driver R580 or newer, a GPU of "
+    "compute capability 7.5 or newer (Turing and later), and the NVIDIA Container Toolkit in a container"
+)
+
+
+def cuda_unavailable_message(provider_in_use: str) -> str:
+    """Why ``provider='cuda'`` is refused, and what would make CUDA run (one line, for a crash-looping container)."""
+    if CUDA not in ort.get_available_providers():
+        why = f"this onnxruntime {ort.__version__} has no CUDA support (the CPU build: build the image with ORT=gpu)"
+    else:
+        why = (
+            f"onnxruntime {ort.__version__} has CUDA support but could not run it, so it fell back to "
+            f"{provider_in_use} (its own log above says why)"
+        )
+    return (
+        f"provider 'cuda' was asked for (RIDE_PROVIDER=cuda) but CUDA cannot run here: {why}; {GPU_REQUIREMENTS}. "
+        "Set RIDE_PROVIDER=auto to serve on the CPU instead."
+    )
+
+
 def configure_global_thread_pool(intra_op_threads: int, inter_op_threads: int) -> None:
     """Create onnxruntime's process-wide CPU thread pool (sessions then share it instead of fighting).
 
@@ -209,7 +231,7 @@ def load_model(
         graphs.append(_Graph.create(folder, spec, providers, options, [ROUTER_OUTPUT]))
     model = OnnxModel(manifest, folder, graphs)
     if provider == "cuda" and model.provider != CUDA:
-        raise ModelLoadError(f"provider 'cuda' was asked for but onnxruntime runs on {model.provider}")
+        raise ModelLoadError(cuda_unavailable_message(model.provider))
     try:
         warm_up(model, batch_sizes=(1,))
     except Exception as error:

@@ -73,8 +73,13 @@ def test_cuda_required_but_not_running_is_refused(model_dir: Path) -> None:
     model = load(model_dir)
     if model.provider == CUDA:
         pytest.skip("CUDA really runs here")
-    with pytest.raises(ModelLoadError, match="'cuda' was asked for"):
+    with pytest.raises(ModelLoadError, match="'cuda' was asked for") as refused:
         load_model(model_dir, provider="cuda", shared_thread_pool=False)
+    # A container that crash-loops on this must say in its log what the host lacks, and what to do instead.
+    message = str(refused.value)
+    assert "\n" not in message
+    for needed in ("CUDA 13", "R580", "compute capability 7.5", "NVIDIA Container Toolkit", "RIDE_PROVIDER=auto"):
+        assert needed in message, message
 
 
 def test_provider_choices() -> None:
