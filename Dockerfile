@@ -13,7 +13,8 @@
 # Behind a TLS-inspecting proxy, pass its CA bundle as a build secret; pip then trusts it in addition to its own
 # roots, and the bundle never lands in an image layer:
 #   docker build --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt ...
-# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_FIND_LINKS build arguments reach pip in the builder stages only, e.g.
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS and PIP_TRUSTED_HOST build arguments reach pip in the
+# builder stages only, e.g.
 #   --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu   # the CPU build of torch for `train`
 
 # The tag says what it is; the digest makes the build reproducible. Override both at once if the digest ages out.
@@ -44,6 +45,7 @@ ARG ORT=gpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_ca \
     --mount=type=tmpfs,target=/run/pip-ca \
@@ -58,6 +60,7 @@ FROM source AS train-venv
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_ca \
     --mount=type=tmpfs,target=/run/pip-ca \
