@@ -23,6 +23,13 @@ DASHBOARD_FILES = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 # minute is what the recording rules use and spans many scrapes at any interval the stack or the tests use.
 _GRAFANA_INTERVAL = re.compile(r"\$(?:__(?:rate_interval|interval|range)\b|\{__(?:rate_interval|interval|range)\})")
 GRAFANA_INTERVAL_STANDIN = "1m"
+# The dashboard's own query variables (job, model, instance), always used as `label=~"$name"`: with every value
+# selected, what Grafana sends matches any value, and so does this stand-in.
+DASHBOARD_VARIABLES = ("job", "model", "instance")
+_DASHBOARD_VARIABLE = re.compile(
+    r"\$(?:(" + "|".join(DASHBOARD_VARIABLES) + r")\b|\{(" + "|".join(DASHBOARD_VARIABLES) + r")\})"
+)
+DASHBOARD_VARIABLE_STANDIN = ".+"
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,26 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def substitute_grafana_variables(expr: str) -> str:
-    """``expr`` with Grafana's interval variables replaced by a fixed window, as Prometheus itself needs it."""
-    return _GRAFANA_INTERVAL.sub(GRAFANA_INTERVAL_STANDIN, expr)
+    """``expr`` with Grafana's interval variables replaced by a fixed window, and the dashboard's own variables by
+    a regex that matches every value (all selected), as Prometheus itself needs it."""
+    return _DASHBOARD_VARIABLE.sub(DASHBOARD_VARIABLE_STANDIN, _GRAFANA_INTERVAL.sub(GRAFANA_INTERVAL_STANDIN, expr))
+
+
+def dashboard_variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Template variable name -> its definition."""
+    return {variable["name"]: variable for variable in dashboard.get("templating", {}).get("list", [])}
+
+
+def variable_selectors(dashboard: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """For each ``label_values(selector, label)`` query variable: (selector ready for Prometheus, label)."""
+    found = {}
+    for name, variable in dashboard_variables(dashboard).items():
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"].strip())
+        assert match, f"{name}: {variable['query']}"
+        found[name] = (substitute_grafana_variables(match.group(1)), match.group(2))
+    return found
 
 
 def dashboard_queries() -> list[PanelQuery]:

@@ -36,7 +36,17 @@ from export.manifest import load_manifest
 # The server launcher and the real images; the `model_dir` fixture comes from tests/conftest.py.
 from tests.server_process import ServerProcess, cifar10_test_images, free_port, start_server
 
-from . import PROMETHEUS_CONFIG, PROMETHEUS_DIR, REPO_ROOT, dashboard_queries, read_yaml, recording_rules
+from . import (
+    DASHBOARD_FILES,
+    PROMETHEUS_CONFIG,
+    PROMETHEUS_DIR,
+    REPO_ROOT,
+    dashboard_queries,
+    read_dashboard,
+    read_yaml,
+    recording_rules,
+    variable_selectors,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +172,7 @@ def prometheus(ride_server: ServerProcess, tmp_path_factory: pytest.TempPathFact
 
 
 def test_every_dashboard_query_and_recording_rule_returns_data(
-    ride_server: ServerProcess, prometheus: ServerProcess
+    ride_server: ServerProcess, prometheus: ServerProcess, model_dir: Path
 ) -> None:
     images = [data for _, data in cifar10_test_images(per_class=4)]
     expressions = {str(q): q.expr for q in dashboard_queries()}
@@ -176,8 +186,16 @@ def test_every_dashboard_query_and_recording_rule_returns_data(
             missing = [label for label in missing if not has_data(query(client, expressions[label]))]
         targets = client.get("/api/v1/targets").json()["data"]["activeTargets"]
         rules = client.get("/api/v1/rules").json()["data"]["groups"]
+        variable_values = {
+            name: sorted({series["metric"].get(label, "") for series in query(client, selector)["data"]["result"]})
+            for path in DASHBOARD_FILES
+            for name, (selector, label) in variable_selectors(read_dashboard(path)).items()
+        }
 
     assert [t["health"] for t in targets] == ["up"], targets
+    # The dashboard's job / model / instance variables each find this one server.
+    target = ride_server.url.removeprefix("http://")
+    assert variable_values == {"job": ["ride"], "model": [load_manifest(model_dir).model.name], "instance": [target]}
     rule_errors = [r for group in rules for r in group["rules"] if r["health"] != "ok"]
     assert rule_errors == [], rule_errors
     assert traffic.statuses.get(200, 0) > 0 and traffic.statuses.get(400, 0) > 0, traffic.statuses

@@ -26,17 +26,20 @@ from export.manifest import load_manifest
 from . import (
     DASHBOARD_FILES,
     DASHBOARD_PROVIDERS_FILE,
+    DASHBOARD_VARIABLES,
     DATASOURCES_FILE,
     PROMETHEUS_CONFIG,
     PROMETHEUS_DIR,
     REPO_ROOT,
     RULES_FILE,
     dashboard_queries,
+    dashboard_variables,
     panels,
     provisioned_datasource,
     read_dashboard,
     read_yaml,
     recording_rules,
+    variable_selectors,
 )
 
 SHARED_DIR = Path(os.environ.get("RIDE_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -314,7 +317,8 @@ def test_ride_service_is_the_gpu_server(compose: dict[str, Any]) -> None:
     assert ride["build"]["args"]["ORT"] == "gpu"
     assert f"{SERVER_PORT}:{SERVER_PORT}" in ride["ports"]
     assert gpu_devices(ride) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert ride["restart"] == "unless-stopped"
+    # Not unless-stopped: a server that cannot start (CUDA that does not run) would crash-loop forever, hidden.
+    assert re.fullmatch(r"on-failure:[1-5]", ride["restart"]), ride["restart"]
     assert any("/readyz" in part for part in ride["healthcheck"]["test"])
     model_mount = mounts(ride)[ride["environment"]["RIDE_MODEL_DIR"]]
     assert model_mount[1], "the model folder is mounted read-only"
@@ -328,7 +332,7 @@ def test_prometheus_service_scrapes_ride_with_the_project_config(compose: dict[s
     source, read_only = mounts(prometheus)[str(config_path.parent)]
     assert (REPO_ROOT / source).resolve() == PROMETHEUS_DIR and read_only
     assert config_path.name == PROMETHEUS_CONFIG.name
-    assert "9090:9090" in prometheus["ports"]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"], "no login: loopback only"
 
     config = read_yaml(PROMETHEUS_CONFIG)
     (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "ride"]
@@ -341,8 +345,11 @@ def test_prometheus_service_scrapes_ride_with_the_project_config(compose: dict[s
 
 def test_grafana_service_provisions_the_dashboard_for_anonymous_viewers(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
-    assert "3000:3000" in grafana["ports"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"], "a default admin password: loopback only"
     env = grafana["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "${RIDE_GRAFANA_ADMIN_PASSWORD:-admin}"
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    assert "/api/health" in " ".join(grafana["healthcheck"]["test"])
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     grafana_mounts = mounts(grafana)
@@ -363,9 +370,20 @@ def test_train_service_is_behind_a_profile(compose: dict[str, Any]) -> None:
     train = compose["services"]["train"]
     assert train["profiles"] == ["train"]
     assert train["build"]["target"] == "train"
-    assert mounts(train)["/data"][1], "training data is mounted read-only"
+    assert mounts(train)["/data"] == ("${RIDE_DATA_DIR:-./data}", True), "read-only, set by RIDE_DATA_DIR"
     others = [name for name, service in compose["services"].items() if name != "train"]
     assert all("profiles" not in compose["services"][name] for name in others), "the rest starts by default"
+
+
+def test_train_binds_are_long_form_so_missing_folders_are_an_error(compose: dict[str, Any]) -> None:
+    """The short form makes the engine create a missing folder, owned by root: unwritable for the container's user.
+    Only paths inside the project (no ``../``): a clone elsewhere has nothing beside it."""
+    for volume in compose["services"]["train"]["volumes"]:
+        assert isinstance(volume, dict) and volume["type"] == "bind", volume
+        assert not volume.get("bind", {}).get("create_host_path", False), volume
+        assert "../" not in volume["source"], volume
+        if not volume["source"].startswith("${"):
+            assert volume["source"].startswith("./"), volume
 
 
 def test_images_are_pinned_and_build_targets_exist(compose: dict[str, Any]) -> None:
@@ -418,15 +436,50 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_dashboard_uses_the_provisioned_datasource() -> None:
+def test_dashboard_picks_its_datasource_through_a_variable() -> None:
+    """No hard-coded uid: imported into another Grafana, the dashboard uses that Grafana's Prometheus."""
     datasource = provisioned_datasource()
-    expected = {"type": datasource["type"], "uid": datasource["uid"]}
+    expected = {"type": datasource["type"], "uid": "${datasource}"}
     assert DASHBOARD_FILES, "no dashboard JSON in deploy/grafana/dashboards"
     for path in DASHBOARD_FILES:
-        for panel in panels(read_dashboard(path)):
+        assert datasource["uid"] not in path.read_text(), f"{path.name} names the provisioned uid"
+        dashboard = read_dashboard(path)
+        variable = dashboard_variables(dashboard)["datasource"]
+        assert (variable["type"], variable["query"]) == ("datasource", datasource["type"])
+        assert datasource.get("isDefault"), "the variable's default is the default data source"
+        for panel in panels(dashboard):
             assert panel["datasource"] == expected, panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"] == expected, f"{panel['title']} / {target['refId']}"
+        for name, query_variable in dashboard_variables(dashboard).items():
+            if query_variable["type"] == "query":
+                assert query_variable["datasource"] == expected, name
+
+
+def test_dashboard_variables_tell_replicas_apart() -> None:
+    """job, then model (from ride_model_info), then instance: every query is narrowed by job and instance."""
+    for path in DASHBOARD_FILES:
+        dashboard = read_dashboard(path)
+        variables = dashboard_variables(dashboard)
+        assert list(variables) == ["datasource", *DASHBOARD_VARIABLES]
+        selectors = variable_selectors(dashboard)
+        assert {name: label for name, (_, label) in selectors.items()} == {
+            "job": "job",
+            "model": "name",
+            "instance": "instance",
+        }
+        raw = {v["name"]: v["query"]["query"] for v in variables.values() if v["type"] == "query"}
+        assert "$job" in raw["model"] and "$job" in raw["instance"] and "$model" in raw["instance"], raw
+        for name in DASHBOARD_VARIABLES:
+            assert variables[name]["multi"] and variables[name]["includeAll"], name
+        for panel in panels(dashboard):
+            for target in panel["targets"]:
+                selectors_used = re.findall(r"\b([a-zA-Z_][\w:]*)(\{[^}]*\})?(?=[\s\[)]|$)", target["expr"])
+                for metric, labels in selectors_used:
+                    if metric.startswith("ride_") or ":" in metric:
+                        assert 'job=~"$job"' in labels and 'instance=~"$instance"' in labels, (
+                            f"{panel['title']}: {metric}{labels}"
+                        )
 
 
 def test_every_panel_has_a_title_a_unit_and_a_query() -> None:
