@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -241,4 +242,8 @@ def docker_engine() -> Iterator[Engine]:
             started = time.monotonic()
             ensure_base_image(engine)
             timings["base image"] = time.monotonic() - started
-            yield engine
+            try:
+                yield engine
+            finally:
+                # Where the time went, for whoever wonders why this run was slow.
+                (CACHE_DIR / "last-timings.json").write_text(json.dumps(timings, indent=1) + "\n")

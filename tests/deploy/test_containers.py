@@ -52,6 +52,7 @@ DATA_TIMEOUT_S = 90.0
 IN_FLIGHT = 12
 # A user who is not root, for the documented training commands.
 USER_ID = 4242
+WHEELS_PORT = 47863
 
 
 def ca_bundle() -> Path:
@@ -114,7 +115,9 @@ def stack(engine: Engine) -> Iterator[Stack]:
     stack.compose("down", "-v", "--remove-orphans", check=False)
     started = time.monotonic()
     try:
-        up = stack.compose("up", "-d", "--build", "--wait", "--wait-timeout", "300", timeout=UP_TIMEOUT_S, check=False)
+        stack.compose("build", timeout=UP_TIMEOUT_S)
+        engine.timings["build"] = time.monotonic() - started
+        up = stack.compose("up", "-d", "--wait", "--wait-timeout", "300", timeout=UP_TIMEOUT_S, check=False)
         assert up.returncode == 0, (
             f"`docker compose up` failed:\n{up.stderr[-6000:]}\n--- ride ---\n{stack.logs('ride')[-3000:]}"
             f"\n--- prometheus ---\n{stack.logs('prometheus')[-3000:]}"
@@ -321,7 +324,11 @@ def bridge_address() -> str:
 def train_image(engine: Engine) -> str:
     """`ride-serve:train`, built with the CPU torch wheel offered to pip as PIP_FIND_LINKS over HTTP."""
     wheels = local_torch_wheels()
-    server = ThreadingHTTPServer((bridge_address(), 0), partial(SimpleHTTPRequestHandler, directory=str(wheels)))
+    handler = partial(SimpleHTTPRequestHandler, directory=str(wheels))
+    try:  # a fixed port keeps the build arguments, and so the build cache, the same from run to run
+        server = ThreadingHTTPServer((bridge_address(), WHEELS_PORT), handler)
+    except OSError:
+        server = ThreadingHTTPServer((bridge_address(), 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
