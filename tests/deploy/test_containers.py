@@ -151,6 +151,28 @@ def test_serve_image_is_what_the_dockerfile_promises(stack: Stack) -> None:
     assert probe.stdout.split() == ["True", "CPU"]
 
 
+def test_image_alone_serves_its_bundled_model_and_its_healthcheck_passes(stack: Stack) -> None:
+    """deploy/README.md's "Without Compose": `docker run` with nothing but a port; the Dockerfile's own HEALTHCHECK
+    (compose replaces it with its own) turns healthy, and `docker stop` ends in exit 0."""
+    port = free_port()
+    name = f"{PROJECT}-alone"
+    docker = stack.engine.docker
+    docker("rm", "-f", name, check=False)
+    docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", SERVE_IMAGE)
+    try:
+        deadline = time.monotonic() + 90
+        while (health := docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()) != "healthy":
+            assert health == "starting" and time.monotonic() < deadline, docker("logs", name, check=False).stderr
+            time.sleep(1.0)
+        name_, data = sample_images()[0]
+        reply = httpx.post(f"http://127.0.0.1:{port}/classify", files={"file": (name_, data)}, timeout=30.0)
+        assert reply.status_code == 200 and reply.json()["model"]["name"] == "cifar10-lt-ride4", reply.text
+        docker("stop", name, timeout=60)
+        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
 def _certificates(text: str) -> list[str]:
     return re.findall(r"-----BEGIN CERTIFICATE-----\n(.*?)-----END CERTIFICATE-----", text, flags=re.DOTALL)
 
