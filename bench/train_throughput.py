@@ -12,7 +12,7 @@ Rows:
   bf16 (AVX512-BF16 or AMX); elsewhere bf16 is emulated and the row says so instead of printing a ratio;
 - threads: the default combination on one thread (the scaling over cores);
 - the data pipeline: the default combination on one pre-made batch (what augmentation costs);
-- evaluation: the old predict (no_grad, batch 500, NCHW) against the current one (inference_mode, batch 1024);
+- evaluation: the old predict (no_grad, batch 500, NCHW) against the current one (inference_mode, batch 512, channels-last);
 - official: the official code's ResNet_s (4 experts, reduced width, NormedLinear) and RIDELoss in fp32 on a
   pre-made batch, as its trainer runs them. It gets its data for free, so "ours / official" is conservative.
   It needs a checkout of frank-xwang/RIDE-LongTailRecognition (``--official PATH``, never inside this repo);
@@ -58,7 +58,7 @@ class Variant:
     premade_batch: bool = False
 
 
-def make_step(cfg: TrainConfig, data: LongTailData, variant: Variant) -> Callable[[], int]:
+def make_step(cfg: TrainConfig, data: LongTailData, variant: Variant, threads: int) -> Callable[[], int]:
     """One training step of RIDE-4 at ``cfg``'s batch size with the switches of ``variant``; returns images."""
     torch.manual_seed(0)
     model = build_model(cfg.model, data.num_classes).train()
@@ -81,7 +81,7 @@ def make_step(cfg: TrainConfig, data: LongTailData, variant: Variant) -> Callabl
     batch = cfg.optim.batch_size
     batches = _endless_batches(len(data.train), batch)
     fixed = normalize(data.train.images[:batch], cfg.data.mean, cfg.data.std)
-    threads = variant.threads or default_num_threads()
+    threads = variant.threads or threads
 
     def step() -> int:
         torch.set_num_threads(threads)
@@ -129,7 +129,7 @@ def _load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
-def make_official_step(checkout: Path, cfg: TrainConfig, data: LongTailData) -> Callable[[], int]:
+def make_official_step(checkout: Path, cfg: TrainConfig, data: LongTailData, threads: int) -> Callable[[], int]:
     """The official model + loss + SGD step, fp32 NCHW, on one pre-made normalised batch.
 
     Only the two files the step needs are loaded (by path, so the checkout's package imports of tensorboard,
@@ -156,7 +156,6 @@ def make_official_step(checkout: Path, cfg: TrainConfig, data: LongTailData) -> 
     batch = cfg.optim.batch_size
     images = normalize(data.train.images[:batch], cfg.data.mean, cfg.data.std)
     targets = data.train.labels[:batch]
-    threads = default_num_threads()
 
     def step() -> int:
         torch.set_num_threads(threads)
@@ -171,19 +170,18 @@ def make_official_step(checkout: Path, cfg: TrainConfig, data: LongTailData) -> 
     return step
 
 
-def make_eval(cfg: TrainConfig, data: LongTailData, *, current: bool) -> Callable[[], int]:
+def make_eval(cfg: TrainConfig, data: LongTailData, *, current: bool, threads: int) -> Callable[[], int]:
     """One evaluation pass over 2,048 test images: the old way (no_grad, batch 500, NCHW) or the current one."""
     torch.manual_seed(0)
     model = build_model(cfg.model, data.num_classes).eval()
     if current:
         model = model.to(memory_format=torch.channels_last)
     images = data.test.images[:2048]
-    threads = default_num_threads()
 
     def run() -> int:
         torch.set_num_threads(threads)
         if current:
-            predict(model, images, mean=cfg.data.mean, std=cfg.data.std, device=torch.device("cpu"), batch_size=1024)
+            predict(model, images, mean=cfg.data.mean, std=cfg.data.std, device=torch.device("cpu"), batch_size=512)
             return len(images)
         with torch.no_grad():
             for start in range(0, len(images), 500):
@@ -196,6 +194,7 @@ def make_eval(cfg: TrainConfig, data: LongTailData, *, current: bool) -> Callabl
 def build_rows(args: argparse.Namespace, cfg: TrainConfig, data: LongTailData) -> tuple[dict, dict, list[str]]:
     """The timed training rows, the timed evaluation rows, and one line per row that was skipped (with why)."""
     native_bf16 = cpu_runs_bf16_natively()
+    threads = args.threads or default_num_threads()
     default = Variant(channels_last=True, bf16=native_bf16, fused=True)
     variants = {
         BASELINE: Variant(),
@@ -213,23 +212,23 @@ def build_rows(args: argparse.Namespace, cfg: TrainConfig, data: LongTailData) -
         variants["default + compiled"] = Variant(channels_last=True, bf16=native_bf16, fused=True, compiled=True)
     else:
         skipped.append("compiled: not measured (pass --compile; inductor warm-up takes minutes per variant)")
-    if default_num_threads() > 1:
+    if threads > 1:
         variants["default on 1 thread"] = Variant(channels_last=True, bf16=native_bf16, fused=True, threads=1)
     variants["default, pre-made batch"] = Variant(channels_last=True, bf16=native_bf16, fused=True, premade_batch=True)
-    steps = {name: make_step(cfg, data, variant) for name, variant in variants.items()}
+    steps = {name: make_step(cfg, data, variant, threads) for name, variant in variants.items()}
     if args.official is None:
         skipped.append("official: skipped, no checkout given (--official PATH or RIDE_OFFICIAL_DIR)")
     else:
         try:
-            steps["official RIDE code"] = make_official_step(args.official, cfg, data)
+            steps["official RIDE code"] = make_official_step(args.official, cfg, data, threads)
         except Exception as error:  # a missing or wrong checkout must skip the row, never end the bench
             skipped.append(
                 f"official: skipped, {args.official} did not give a working step ({type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''})"
             )
     evals = {
-        "eval: old (no_grad, batch 500)": make_eval(cfg, data, current=False),
-        "eval: current (inference_mode, 1024)": make_eval(cfg, data, current=True),
+        "eval: old (no_grad, batch 500)": make_eval(cfg, data, current=False, threads=threads),
+        "eval: current (inference_mode, 512)": make_eval(cfg, data, current=True, threads=threads),
     }
     return steps, evals, skipped
 
@@ -268,6 +267,7 @@ def main() -> None:
         help="checkout of frank-xwang/RIDE-LongTailRecognition (outside this repo)",
     )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow warm-up)")
+    parser.add_argument("--threads", type=int, help="torch threads for every row (default: physical cores)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per row per round")
     args = parser.parse_args()
@@ -280,7 +280,7 @@ def main() -> None:
     eval_rates = measure(evals, args.rounds, 1, warmup=1)
 
     print(
-        f"RIDE-4 ResNet-32, batch {cfg.optim.batch_size}, {default_num_threads()} threads, CPU "
+        f"RIDE-4 ResNet-32, batch {cfg.optim.batch_size}, {args.threads or default_num_threads()} threads, CPU "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_runs_bf16_natively()}, "
         f"{args.rounds} rounds x {args.steps} steps, load average at start {load:.1f}"
     )

@@ -38,7 +38,7 @@ def predict(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    batch_size: int = 1024,
+    batch_size: int = 512,
 ) -> ExpertOutputs:
     """Per-expert logits and features for ``uint8`` images, in eval mode and fp32, gathered on the CPU."""
     model.eval()
@@ -93,7 +93,7 @@ def evaluate_model(
     device: torch.device,
     routers: Routers | None = None,
     threshold: float = 0.5,
-    batch_size: int = 1024,
+    batch_size: int = 512,
 ) -> dict[str, Any]:
     """Metrics of the all-experts model on the test split, per-expert accuracy, parameters and MACs; with
     ``routers`` also the routed cascade at ``threshold`` (``metrics["routed"]``)."""
