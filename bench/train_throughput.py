@@ -12,7 +12,8 @@ Rows:
   bf16 (AVX512-BF16 or AMX); elsewhere bf16 is emulated and the row says so instead of printing a ratio;
 - threads: the default combination on one thread (the scaling over cores);
 - the data pipeline: the default combination on one pre-made batch (what augmentation costs);
-- evaluation: the old predict (no_grad, batch 500, NCHW) against the current one (inference_mode, batch 512, channels-last);
+- evaluation: the old predict (no_grad, batch 500, NCHW) against the current one (inference_mode, batch 512,
+  channels-last);
 - official: the official code's ResNet_s (4 experts, reduced width, NormedLinear) and RIDELoss in fp32 on a
   pre-made batch, as its trainer runs them. It gets its data for free, so "ours / official" is conservative.
   It needs a checkout of frank-xwang/RIDE-LongTailRecognition (``--official PATH``, never inside this repo);
