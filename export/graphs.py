@@ -2,7 +2,7 @@
 
 The dynamo exporter (torch 2.13) is used with ``optimize=True``: its optimizer folds every eval-mode
 BatchNorm into the preceding convolution, which :func:`check_graph` then confirms (no ``BatchNormalization``
-node may remain). Each graph gets one batch ``Dim`` shared by all its inputs (SERVING-NOTES.md "ONNX export"),
+node may remain). Each graph gets one batch ``Dim`` shared by all its inputs (../shared/SERVING-NOTES.md "ONNX export"),
 so the batch axis stays dynamic; without it the example batch size would be baked in.
 """
 

@@ -8,10 +8,10 @@ and requires, for float32 graphs:
   ``atol`` = 1e-4 of PyTorch; feature maps and pooled features, which are unbounded (a few hundred), within 1e-4
   of their largest magnitude;
 - identical predictions and identical numbers of experts used, except for rows where a router logit lies within
-  ``threshold_band`` = 1e-5 of logit(threshold): there the two runtimes may legitimately decide differently
-  (REFERENCE-RIDE.md trap 13). Those rows are counted and reported, and excluded from the logit comparison only
-  when their decisions actually differ. (The band widens to float32's resolution of sigmoid at thresholds so
-  close to 0 or 1 that PyTorch's float32 sigmoid cannot resolve 1e-5 in logit.)
+  ``threshold_band`` = 1e-5 of logit(threshold): there the two runtimes may legitimately decide
+  differently (../shared/REFERENCE-RIDE.md trap 13). Those rows are counted and reported, and excluded from the
+  logit comparison only when their decisions actually differ. (The band widens to float32's resolution of
+  sigmoid at thresholds so close to 0 or 1 that PyTorch's float32 sigmoid cannot resolve 1e-5 in logit.)
 
 Float16 graphs are compared with the float32 PyTorch model at looser, measured tolerances (:data:`FP16`): their
 weights and arithmetic are rounded to float16, so logits differ by up to a few hundredths and a prediction may

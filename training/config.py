@@ -21,7 +21,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# CIFAR-10 statistics: the reference uses them for CIFAR-100-LT too (REFERENCE-RIDE.md 1.3, trap 3).
+# CIFAR-10 statistics: the reference uses them for CIFAR-100-LT too (../shared/REFERENCE-RIDE.md 1.3, trap 3).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 

@@ -8,7 +8,7 @@ with one extra term per batch::
 with t̄ and s̄ the teacher's and the student's **mean** logits over their experts, τ = ``distill.temperature``
 (1.5) and ``factor`` = ``distill.factor`` (1.0), on the same augmented batch.
 
-Which reading (REFERENCE-RIDE.md 4.5, trap 18) and why:
+Which reading (../shared/REFERENCE-RIDE.md 4.5, trap 18) and why:
 
 - KD on the **mean** logits, as the reference code does, not the paper's per-expert KD: the student is used
   (and served) through its mean and running means, and pulling every expert towards the same teacher

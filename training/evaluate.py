@@ -6,7 +6,7 @@ overall accuracy is the sample accuracy.
 A checkpoint with routers is also evaluated as the early-exit cascade (``metrics["routed"]``): the per-expert
 outputs are computed once and the cascade is replayed on them (``cascade_from_outputs``), which gives exactly
 what running the experts only on the surviving images gives, because every image's answer depends only on its
-own outputs. The compute actually spent is counted per image (REFERENCE-RIDE.md 6, trap 19): shared trunk +
+own outputs. The compute actually spent is counted per image (../shared/REFERENCE-RIDE.md 6, trap 19): shared trunk +
 the experts it ran + the routers it evaluated, in thop-rule MACs.
 """
 

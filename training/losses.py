@@ -1,8 +1,8 @@
 """Training losses: CE, focal, LDAM(-DRW), the RIDE multi-expert loss and logit distillation.
 
 Every loss takes the model's expert logits ``[B, E, C]``: already scaled (the cosine classifier multiplies by s
-inside the model, REFERENCE-RIDE.md 2.2), and the ensemble prediction is their mean over dim 1. The class-count
-derived vectors (LDAM margins, DRW weights, diversity temperatures) are non-persistent buffers of
+inside the model, ../shared/REFERENCE-RIDE.md 2.2), and the ensemble prediction is their mean over dim 1. The
+class-count derived vectors (LDAM margins, DRW weights, diversity temperatures) are non-persistent buffers of
 :class:`ExpertLoss`, so ``.to(device)`` moves them and a state dict stays empty: which of them are in use is
 derived from the epoch alone (:meth:`ExpertLoss.set_epoch`).
 
@@ -34,7 +34,7 @@ def _counts_tensor(class_counts: Sequence[int]) -> Tensor:
 def ldam_margins(class_counts: Sequence[int], max_margin: float = 0.5) -> Tensor:
     """LDAM per-class margins ``m_c ∝ n_c^{-1/4}``, rescaled so the rarest class gets ``max_margin``.
 
-    Margins are in cosine units (REFERENCE-RIDE.md 4.1). Returns float32 ``[C]``.
+    Margins are in cosine units (../shared/REFERENCE-RIDE.md 4.1). Returns float32 ``[C]``.
     """
     if max_margin <= 0:
         raise ValueError(f"max_margin must be positive, got {max_margin}")
@@ -45,7 +45,7 @@ def ldam_margins(class_counts: Sequence[int], max_margin: float = 0.5) -> Tensor
 def drw_weights(class_counts: Sequence[int], beta: float = 0.9999) -> Tensor:
     """Class-balanced "effective number" weights ``(1-β)/(1-β^{n_c})``, normalised to sum to C.
 
-    Returns float32 ``[C]`` (REFERENCE-RIDE.md 4.2).
+    Returns float32 ``[C]`` (../shared/REFERENCE-RIDE.md 4.2).
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
@@ -59,7 +59,7 @@ def diversity_temperatures(
 ) -> Tensor:
     """Per-class (logit-column) diversity temperatures ``T = η·ψ/max ψ`` with ``ψ_c = γ·C·n_c/N + (1-γ)``.
 
-    This is the code's multiplicative form, not the paper's additive one (REFERENCE-RIDE.md 4.3). Returns
+    This is the code's multiplicative form, not the paper's additive one (../shared/REFERENCE-RIDE.md 4.3). Returns
     float32 ``[C]``; the head class gets ``base_temperature``.
     """
     if not 0.0 <= reweight_factor <= 1.0:
@@ -100,7 +100,7 @@ def distillation_loss(student_mean_logits: Tensor, teacher_mean_logits: Tensor, 
     """``τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ))``, batch-mean, on ``[B, C]`` mean logits.
 
     The teacher is detached. The reference adds this inside its loop over experts (so the whole loss is E× larger,
-    REFERENCE-RIDE.md 4.5); this function is the single term, the caller decides the factor.
+    ../shared/REFERENCE-RIDE.md 4.5); this function is the single term, the caller decides the factor.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -127,7 +127,7 @@ class ExpertLoss(nn.Module):
       margin is in cosine units and the logits arrive already multiplied by the cosine scale s, so pass
       ``scale = s`` for a cosine classifier (the reference's ``x - s·m_y`` with s = 30) and ``scale = 1`` for a
       linear classifier (margin in logit units).
-    - ``"ride"``: the reference RIDELoss (REFERENCE-RIDE.md 4.3-4.4), summed — not averaged — over experts::
+    - ``"ride"``: the reference RIDELoss (../shared/REFERENCE-RIDE.md 4.3-4.4), summed — not averaged — over experts::
 
           L = Σ_e [ base(z_e, y; w_DRW) + λ·T̄²·KL(softmax(z̄/T) ‖ softmax(z_e/T)) ]
 

@@ -1,7 +1,7 @@
 """Multiply-accumulate (MAC) counts measured on the real model with forward hooks.
 
 The rules reproduce thop 0.1.1, which the reference's ``utils/gflops.py`` uses and whose MAC counts the paper calls
-"FLOPs" (REFERENCE-RIDE.md 6), so the numbers are comparable with the paper's:
+"FLOPs" (../shared/REFERENCE-RIDE.md 6), so the numbers are comparable with the paper's:
 
 - Conv: output elements x (in_channels / groups) x kernel area (thop 0.1.1 ignores a conv bias);
 - BatchNorm: 2 x input elements, doubled when affine (thop does not assume BN is fused);

@@ -1,4 +1,4 @@
-"""Stage 2: train the expert-assignment routers of a stage-1 checkpoint (REFERENCE-RIDE.md 3).
+"""Stage 2: train the expert-assignment routers of a stage-1 checkpoint (../shared/REFERENCE-RIDE.md 3).
 
 ``python -m training.run route --checkpoint DIR`` writes a new checkpoint folder (default ``DIR-routers``) with
 the unchanged stage-1 weights, the router weights under the ``routers.`` prefix, ``stage = "routers"``, the
@@ -80,7 +80,7 @@ ROUTER_MOMENTUM = 0.9
 
 def router_targets(expert_logits: Tensor, labels: Tensor) -> Tensor:
     """``bool [B, E-1]``: column k is True when the running mean of experts 0..k is wrong and the running mean of
-    some 0..j with j > k is right (REFERENCE-RIDE.md 3.3)."""
+    some 0..j with j > k is right (../shared/REFERENCE-RIDE.md 3.3)."""
     num_experts = expert_logits.shape[1]
     counts = torch.arange(1, num_experts + 1, device=expert_logits.device, dtype=expert_logits.dtype)
     running_mean = expert_logits.cumsum(dim=1) / counts.view(1, -1, 1)

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warm-up, then step decays (the reference ``CustomLR``, REFERENCE-RIDE.md 5.1).
+"""Learning-rate schedule: linear warm-up, then step decays (the reference ``CustomLR``,
+../shared/REFERENCE-RIDE.md 5.1).
 
 Epochs are 1-based everywhere. At the reference's 200 epochs: epochs 1-5 warm up (0.2, 0.4, ..., 1.0 × lr),
 epochs 6-160 run at lr, 161-180 at 0.01 × lr and 181-200 at 0.0001 × lr. Shorter or longer runs scale the

@@ -31,7 +31,7 @@ from training.data import (
 from training.data.augment import random_crop, rotate
 from training.data.cifar import load_cifar_split, read_batch
 
-# REFERENCE-RIDE.md 1.1 [measured]
+# ../shared/REFERENCE-RIDE.md 1.1 [measured]
 CIFAR100_LT_COUNTS = [
     *(500, 477, 455, 434, 415, 396, 378, 361, 344, 328, 314, 299, 286, 273, 260, 248, 237, 226, 216, 206),
     *(197, 188, 179, 171, 163, 156, 149, 142, 135, 129, 123, 118, 112, 107, 102, 98, 93, 89, 85, 81),

@@ -1,4 +1,5 @@
-"""Losses against the reference numbers (REFERENCE-RIDE.md 4) and against hand computations in plain Python."""
+"""Losses against the reference numbers (../shared/REFERENCE-RIDE.md 4) and against hand computations in plain
+Python."""
 
 from __future__ import annotations
 

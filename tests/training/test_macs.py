@@ -1,4 +1,4 @@
-"""MAC counts against the reference's thop numbers (REFERENCE-RIDE.md 6) and against hand counts."""
+"""MAC counts against the reference's thop numbers (../shared/REFERENCE-RIDE.md 6) and against hand counts."""
 
 from __future__ import annotations
 

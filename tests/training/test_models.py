@@ -20,7 +20,7 @@ def _params(model: nn.Module) -> int:
 @pytest.mark.parametrize(
     ("cfg", "expected"),
     [
-        # REFERENCE-RIDE.md 2.5, measured on the official modules (100 classes).
+        # ../shared/REFERENCE-RIDE.md 2.5, measured on the official modules (100 classes).
         (ModelConfig(arch="resnet32", num_experts=1), 469_904),
         (ModelConfig(num_experts=1), 277_168),
         (ModelConfig(num_experts=2), 530_512),

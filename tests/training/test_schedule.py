@@ -1,4 +1,5 @@
-"""The lr schedule against the reference CustomLR values (REFERENCE-RIDE.md 5.1) and its scaling to other lengths."""
+"""The lr schedule against the reference CustomLR values (../shared/REFERENCE-RIDE.md 5.1) and its scaling to other
+lengths."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training augmentation on whole batches of uint8 images, on whatever device they live on.
 
-Matches the reference pipeline (REFERENCE-RIDE.md 1.3): RandomCrop(size, padding) with zero fill, horizontal
+Matches the reference pipeline (../shared/REFERENCE-RIDE.md 1.3): RandomCrop(size, padding) with zero fill, horizontal
 flip with p = 0.5, RandomRotation(degrees) with nearest sampling and zero fill, then /255 and Normalize. Random
 numbers come only from the CPU generator passed in, so a run is reproducible on any device.
 """

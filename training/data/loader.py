@@ -34,7 +34,7 @@ def balanced_indices(labels: torch.Tensor, num_draws: int, seed: int, epoch: int
     """``num_draws`` indices where each draw picks a class uniformly, then that class's next item.
 
     Each class's bucket is walked in a random order and reshuffled whenever it wraps, like the reference's
-    ``BalancedSampler`` (REFERENCE-RIDE.md 1.3), but restarted per (seed, epoch) for reproducible resumes.
+    ``BalancedSampler`` (../shared/REFERENCE-RIDE.md 1.3), but restarted per (seed, epoch) for reproducible resumes.
     """
     labels = labels.cpu()
     if len(labels) == 0:

@@ -1,4 +1,4 @@
-"""Long-tailed subsets exactly as the reference builds them (REFERENCE-RIDE.md 1.1, 1.2)."""
+"""Long-tailed subsets exactly as the reference builds them (../shared/REFERENCE-RIDE.md 1.1, 1.2)."""
 
 from __future__ import annotations
 

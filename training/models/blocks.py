@@ -1,6 +1,6 @@
 """Building blocks shared by the CIFAR and ImageNet-style RIDE backbones: residual blocks, experts, the model.
 
-All convolutions are bias-free and followed by BatchNorm, as in the reference (REFERENCE-RIDE.md 2.1).
+All convolutions are bias-free and followed by BatchNorm, as in the reference (../shared/REFERENCE-RIDE.md 2.1).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ class CosineClassifier(nn.Module):
     """Scaled cosine similarity between features and class vectors: ``logit = s * cos(x, w_c)``.
 
     The weight is stored as ``[in_features, out_features]`` (transposed against nn.Linear) exactly as the
-    reference NormedLinear, so parameter layouts and counts match (REFERENCE-RIDE.md 2.2, trap 4). There is no
+    reference NormedLinear, so parameter layouts and counts match (../shared/REFERENCE-RIDE.md 2.2, trap 4). There is no
     bias. The scale lives here, not in the loss, so every consumer (loss, distillation, router, service) sees
     the same already-scaled logits.
     """

@@ -1,6 +1,6 @@
 """ResNet-32 for 32x32 images (CIFAR): the RIDE multi-expert model and the plain one-expert baseline.
 
-Layout (REFERENCE-RIDE.md 2.1): trunk = stem (conv3x3 3->16, BN, ReLU) + layer1 (5 BasicBlocks, 16 ch, 32x32);
+Layout (../shared/REFERENCE-RIDE.md 2.1): trunk = stem (conv3x3 3->16, BN, ReLU) + layer1 (5 BasicBlocks, 16 ch, 32x32);
 each expert = layer2 (5 blocks, stride 2, 16x16) + layer3 (5 blocks, stride 2, 8x8) + global average pool +
 classifier. Shortcuts are the parameter-free option A.
 """

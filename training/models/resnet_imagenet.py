@@ -1,8 +1,8 @@
 """RIDE ResNet-10 / ResNet-50 for 224x224 images (ImageNet-LT, iNaturalist), after the reference's fb_resnets.
 
 Trunk = torchvision-style stem (conv7x7 stride 2, BN, ReLU, maxpool 3x3 stride 2) + layer1 + layer2; each
-expert = layer3 + layer4 + global average pool + classifier (REFERENCE-RIDE.md 5.4). Shortcuts are conv1x1 + BN
-(option B). The reference pools with AvgPool2d(7), which needs 224x224 inputs; the global mean used here gives the
+expert = layer3 + layer4 + global average pool + classifier (../shared/REFERENCE-RIDE.md 5.4). Shortcuts are conv1x1 +
+BN (option B). The reference pools with AvgPool2d(7), which needs 224x224 inputs; the global mean used here gives the
 same result there and also works on smaller inputs.
 """
 

@@ -1,4 +1,4 @@
-"""Expert-assignment routers (RIDE stage 2, REFERENCE-RIDE.md section 3).
+"""Expert-assignment routers (RIDE stage 2, ../shared/REFERENCE-RIDE.md section 3).
 
 Router k (0-based, k = 0..E-2) decides whether expert k + 1 runs. It reads
 
