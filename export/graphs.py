@@ -34,12 +34,19 @@ from export.manifest import (
     expert_file,
     router_file,
 )
-from training.checkpoint import META_FILE, CheckpointError, CheckpointMeta, split_state, weights_sha256
-from training.evaluate_checkpoint import model_from_checkpoint
+from training.checkpoint import (
+    META_FILE,
+    ROUTERS_PREFIX,
+    CheckpointError,
+    CheckpointMeta,
+    model_from_checkpoint,
+    routers_from_checkpoint,
+    split_state,
+    weights_sha256,
+)
 from training.macs import count_macs
 from training.models import RIDEModel
 from training.models.router import Routers
-from training.route import ROUTERS_PREFIX, routers_from_checkpoint
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18

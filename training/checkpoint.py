@@ -27,11 +27,14 @@ from safetensors.torch import load_file, save_file
 
 from training.atomic import atomic_write, atomic_write_json
 from training.config import ModelConfig, RouterConfig, TrainConfig
+from training.models import RIDEModel, build_model
+from training.models.router import Routers
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 TRAIN_STATE_FILE = "train_state.safetensors"
 FORMAT_VERSION = 1
+ROUTERS_PREFIX = "routers."  # router weights live in the model's weights file under this prefix
 
 
 class CheckpointError(ValueError):
@@ -160,6 +163,43 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
         problems.append(f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
     if problems:
         raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(problems))
+
+
+def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict[str, torch.Tensor]]:
+    """The stage-1 model (eval mode, CPU) with its weights loaded, the sidecar, and the weights it did not use
+    (the routers, if any)."""
+    meta, weights = load_checkpoint(folder)
+    model = build_model(meta.model, meta.num_classes)
+    own = {k: v for k, v in weights.items() if k in model.state_dict()}
+    rest = {k: v for k, v in weights.items() if k not in own}
+    load_into(model, own, f"checkpoint {folder}")
+    model.eval()
+    return model, meta, rest
+
+
+def routers_from_checkpoint(
+    meta: CheckpointMeta, extra_weights: dict[str, torch.Tensor], feature_dim: int
+) -> Routers | None:
+    """The routers of a checkpoint (eval mode, CPU), or None when it has none (``meta.routers is None``).
+
+    ``extra_weights`` may be the whole state dict or what :func:`model_from_checkpoint` left over; only the
+    ``routers.`` keys are read.
+    """
+    if meta.routers is None:
+        return None
+    state, _ = split_state(extra_weights, ROUTERS_PREFIX)
+    if not state:
+        raise CheckpointError(
+            f"checkpoint {meta.name!r} says it has routers but its weights hold no '{ROUTERS_PREFIX}' keys"
+        )
+    routers = Routers(meta.model.num_experts, meta.num_classes, feature_dim, meta.routers.top_z, meta.routers.hidden)
+    load_into(routers, state, f"router weights of checkpoint {meta.name!r}")
+    return routers.eval()
+
+
+def router_state(routers: Routers) -> dict[str, torch.Tensor]:
+    """Router weights under the checkpoint prefix ``routers.``, to be saved with the model's."""
+    return {f"{ROUTERS_PREFIX}{key}": value for key, value in routers.state_dict().items()}
 
 
 def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, names: dict[int, str], epoch: int) -> None:

@@ -37,9 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.checkpoint import CheckpointMeta, weights_sha256
+from training.checkpoint import CheckpointMeta, model_from_checkpoint, weights_sha256
 from training.config import ConfigError, TrainConfig
-from training.evaluate_checkpoint import model_from_checkpoint
 from training.losses import distillation_loss
 from training.models import RIDEModel
 
@@ -108,10 +107,3 @@ def load_teacher(folder: Path, cfg: TrainConfig, device: torch.device | None = N
     if device is not None:
         model.to(device)
     return Teacher(model, meta, folder, weights_sha256(folder), cfg.distill.temperature, cfg.distill.factor)
-
-
-def distill(cfg: TrainConfig, *, teacher: Path, out: Path, data_dir: Path | None = None, resume: bool = False) -> Path:
-    """Train the student ``cfg`` describes into ``out`` with the teacher checkpoint ``teacher``."""
-    from training.train import train
-
-    return train(cfg, out=out, data_dir=data_dir, resume=resume, teacher=load_teacher(teacher, cfg))

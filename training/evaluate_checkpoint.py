@@ -5,27 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from training.checkpoint import CheckpointMeta, load_checkpoint, load_into, save_meta
+from training.checkpoint import model_from_checkpoint, routers_from_checkpoint, save_meta
 from training.data import DataError, load_data
 from training.evaluate import evaluate_model, print_summary, write_report
-from training.models import RIDEModel, build_model
 from training.runtime import resolve_device
 
 # Training-time records that re-evaluating cannot recompute (the test metrics themselves are recomputed).
 KEPT_METRICS = ("training", "distillation", "router_training", "validation", "threshold_selection")
-
-
-def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict[str, torch.Tensor]]:
-    """The stage-1 model with its weights loaded, the sidecar, and the weights not used by it (routers)."""
-    meta, weights = load_checkpoint(folder)
-    model = build_model(meta.model, meta.num_classes)
-    own = {k: v for k, v in weights.items() if k in model.state_dict()}
-    rest = {k: v for k, v in weights.items() if k not in own}
-    load_into(model, own, f"checkpoint {folder}")
-    model.eval()
-    return model, meta, rest
 
 
 def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_choice: str = "auto") -> dict[str, Any]:
@@ -34,8 +20,6 @@ def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_ch
     A checkpoint with routers is also evaluated as the early-exit cascade at its stored threshold
     (``metrics["routed"]``), next to the all-experts metrics of the same weights.
     """
-    from training.route import routers_from_checkpoint
-
     device = resolve_device(device_choice)
     model, meta, rest = model_from_checkpoint(folder)
     routers = routers_from_checkpoint(meta, rest, model.feature_dim)

@@ -41,15 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from training.atomic import append_jsonl
 from training.checkpoint import (
-    CheckpointError,
     CheckpointMeta,
     RouterInfo,
-    load_into,
     load_meta,
+    model_from_checkpoint,
+    router_state,
     save_checkpoint,
-    split_state,
     weights_sha256,
 )
 from training.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
@@ -66,14 +64,12 @@ from training.curve import (
 )
 from training.data import BatchAugment, DataError, ImageSet, LongTailData, balanced_indices, load_data
 from training.evaluate import CascadeCost, cascade_cost, metrics_from_outputs, predict, print_summary, write_report
-from training.evaluate_checkpoint import model_from_checkpoint
 from training.models import ExpertOutputs, RIDEModel
 from training.models.blocks import init_weights
 from training.models.router import Routers
+from training.run_folder import LOG_FILE, append_log, epoch_seed, prepare_output
 from training.runtime import resolve_device
-from training.train import LOG_FILE, epoch_seed, prepare_output
 
-ROUTERS_PREFIX = "routers."
 DEFAULT_VAL_PER_CLASS = 20
 ROUTER_MOMENTUM = 0.9
 
@@ -115,29 +111,6 @@ def freeze_backbone(model: RIDEModel) -> None:
     """No gradients and eval mode (batch norm uses and keeps its running statistics) for the whole model."""
     model.requires_grad_(False)
     model.eval()
-
-
-def router_state(routers: Routers) -> dict[str, Tensor]:
-    """Router weights under the checkpoint prefix ``routers.``."""
-    return {f"{ROUTERS_PREFIX}{key}": value for key, value in routers.state_dict().items()}
-
-
-def routers_from_checkpoint(meta: CheckpointMeta, extra_weights: dict[str, Tensor], feature_dim: int) -> Routers | None:
-    """The routers of a checkpoint, or None when it has none (``meta.routers is None``).
-
-    ``extra_weights`` may be the whole state dict or what ``model_from_checkpoint`` left over; only the
-    ``routers.`` keys are read. The result is in eval mode on the CPU.
-    """
-    if meta.routers is None:
-        return None
-    state, _ = split_state(extra_weights, ROUTERS_PREFIX)
-    if not state:
-        raise CheckpointError(
-            f"checkpoint {meta.name!r} says it has routers but its weights hold no '{ROUTERS_PREFIX}' keys"
-        )
-    routers = Routers(meta.model.num_experts, meta.num_classes, feature_dim, meta.routers.top_z, meta.routers.hidden)
-    load_into(routers, state, f"router weights of checkpoint {meta.name!r}")
-    return routers.eval()
 
 
 def _check_threshold_arguments(threshold: float | None, target_compute: float | None) -> None:
@@ -233,10 +206,11 @@ def train_routers(
     cfg: TrainConfig,
     *,
     device: torch.device,
-    log_path: Path | None = None,
+    out: Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train ``routers`` on ``model``'s (frozen, eval-mode) outputs; return one log record per epoch."""
+    """Train ``routers`` on ``model``'s (frozen, eval-mode) outputs; return one log record per epoch (also appended
+    to the log of the run folder ``out``, if given)."""
     freeze_backbone(model)
     router_cfg = cfg.router
     optimizer = torch.optim.SGD(
@@ -281,8 +255,8 @@ def train_routers(
             "seconds": time.perf_counter() - started,
         }
         records.append(record)
-        if log_path is not None:
-            append_jsonl(log_path, record)
+        if out is not None:
+            append_log(out, record)
     routers.eval()
     return records
 
@@ -406,7 +380,7 @@ def route_checkpoint(
         )
     model.to(device)
     routers.to(device)
-    log = train_routers(model, routers, data.train, cfg, device=device, log_path=out / LOG_FILE, progress=progress)
+    log = train_routers(model, routers, data.train, cfg, device=device, out=out, progress=progress)
     routers.cpu()
     predicted = {
         name: predict(model, split.images, mean=meta.input.mean, std=meta.input.std, device=device)

@@ -71,11 +71,12 @@ def cmd_route(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from training.distill import distill
+    from training.distill import load_teacher
+    from training.train import train
 
     cfg = _with_runtime(load_config(args.config, args.overrides), args)
     out = args.out or Path("runs") / cfg.name
-    distill(cfg, teacher=args.teacher, out=out, data_dir=args.data_dir, resume=args.resume)
+    train(cfg, out=out, data_dir=args.data_dir, resume=args.resume, teacher=load_teacher(args.teacher, cfg))
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:

@@ -8,21 +8,16 @@ teacher's knowledge-distillation term is added to the loss of every batch.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.atomic import append_jsonl
 from training.checkpoint import (
-    META_FILE,
-    CheckpointError,
     CheckpointMeta,
     InputInfo,
     load_checkpoint,
@@ -33,9 +28,11 @@ from training.checkpoint import (
 )
 from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
 from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
+from training.distill import Teacher
 from training.evaluate import evaluate_model, print_summary, write_report
 from training.losses import ExpertLoss, build_loss
 from training.models import RIDEModel, build_model
+from training.run_folder import append_log, epoch_seed, last_log_record, prepare_output
 from training.runtime import (
     Runtime,
     all_reduce_sum,
@@ -46,10 +43,6 @@ from training.runtime import (
 )
 from training.schedule import drw_epoch, lr_factor, resolve_schedule
 
-if TYPE_CHECKING:
-    from training.distill import Teacher
-
-LOG_FILE = "log.jsonl"
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one reads the statistics back to the host)
 
 
@@ -63,11 +56,6 @@ class EpochStats:
     @property
     def images_per_second(self) -> float:
         return self.images / max(self.seconds, 1e-9)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """One seed per (run seed, epoch, rank): resuming at an epoch boundary replays the same randomness."""
-    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
 
 
 def logit_scale(cfg: TrainConfig) -> float:
@@ -184,19 +172,6 @@ def _check_resumable(cfg: TrainConfig, meta: CheckpointMeta, data: LongTailData)
         raise ConfigError(f"the run in {meta.name!r} already finished (epoch {meta.epoch}); nothing to resume")
 
 
-def prepare_output(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished or interrupted run unless resuming it."""
-    has_checkpoint = (out / META_FILE).is_file()
-    if resume and not has_checkpoint:
-        raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
-    if not resume and has_checkpoint:
-        raise CheckpointError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out (nothing was "
-            "overwritten)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def train(
     cfg: TrainConfig, *, out: Path, data_dir: Path | None = None, resume: bool = False, teacher: Teacher | None = None
 ) -> Path:
@@ -287,7 +262,7 @@ def _train(
             "seconds": stats.seconds,
             "drw_active": loss_fn.drw_active,
         }
-        append_jsonl(out / LOG_FILE, record)
+        append_log(out, record)
         epochs_bar.set_postfix(
             loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", img_s=f"{stats.images_per_second:.0f}"
         )
@@ -298,7 +273,7 @@ def _train(
         return out
     meta = _build_meta(cfg, data, schedule.epochs, complete=True, teacher=teacher)
     metrics = evaluate_model(model, data, meta, device=runtime.device, batch_size=cfg.runtime.eval_batch_size)
-    metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": record_last(out)}
+    metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": last_log_record(out)}
     if teacher is not None:
         metrics["distillation"] = teacher.describe()
     save_train_state(out, optimizer, _parameter_names(model), schedule.epochs)
@@ -307,12 +282,3 @@ def _train(
     write_report(out, metrics, meta)
     print_summary(metrics, title=f"{cfg.name}: last epoch ({schedule.epochs}) on the test split")
     return out
-
-
-def record_last(out: Path) -> dict | None:
-    """The last line of the run's JSON-lines log."""
-    path = out / LOG_FILE
-    if not path.is_file():
-        return None
-    lines = path.read_text().strip().splitlines()
-    return json.loads(lines[-1]) if lines else None

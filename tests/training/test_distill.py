@@ -13,13 +13,14 @@ import torch
 from training.checkpoint import CheckpointError, load_meta, save_meta, weights_sha256
 from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import BatchAugment, ImageSet, iterate_batches, load_data
-from training.distill import distill, load_teacher
+from training.distill import load_teacher
 from training.losses import ExpertLoss, build_loss
 from training.models import build_model
 from training.run import main
+from training.run_folder import epoch_seed
 from training.runtime import Runtime
 from training.schedule import drw_epoch, resolve_schedule
-from training.train import epoch_seed, logit_scale, train_one_epoch
+from training.train import logit_scale, train, train_one_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,7 +125,7 @@ def test_teacher_with_other_classes_is_a_clear_error(tiny_checkpoint: Path, tmp_
     save_meta(teacher, meta.model_copy(update={"class_names": [f"other{i}" for i in range(meta.num_classes)]}))
     cfg = _student_config(tiny_checkpoint)
     with pytest.raises(ConfigError, match="same classes in the same order"):
-        distill(cfg, teacher=teacher, out=tmp_path / "student")
+        train(cfg, out=tmp_path / "student", teacher=load_teacher(teacher, cfg))
 
 
 def test_teacher_checks_experts_input_and_existence(tiny_checkpoint: Path, tmp_path: Path) -> None:

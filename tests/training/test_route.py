@@ -17,6 +17,8 @@ from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_meta,
+    model_from_checkpoint,
+    routers_from_checkpoint,
     save_checkpoint,
     save_meta,
     weights_sha256,
@@ -25,7 +27,6 @@ from training.config import ConfigError, ModelConfig
 from training.curve import CURVE_CSV, CURVE_PNG, CurvePoint, choose_threshold, read_curve_csv
 from training.data import ImageSet, load_data, normalize
 from training.evaluate import METRICS_FILE, ExpertOutputs, predict
-from training.evaluate_checkpoint import model_from_checkpoint
 from training.models import RIDEModel, build_model
 from training.models.router import Routers, cascade_from_outputs, continue_mask
 from training.route import (
@@ -34,7 +35,6 @@ from training.route import (
     resolve_route_config,
     route_checkpoint,
     router_targets,
-    routers_from_checkpoint,
     routing_loss,
     train_routers,
 )

@@ -16,7 +16,8 @@ from training import train as train_module
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
 from training.config import ConfigError, load_config
 from training.evaluate import METRICS_FILE, PER_CLASS_PLOT
-from training.train import LOG_FILE, train
+from training.run_folder import LOG_FILE
+from training.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("airplane", "automobile", "frog", "ship")
