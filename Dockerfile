@@ -34,6 +34,7 @@ RUN groupadd --system --gid 10001 ride \
 FROM base AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY cascade/ cascade/
 COPY training/ training/
 COPY export/ export/
 COPY service/ service/

@@ -1,6 +1,6 @@
 """Accuracy of a served model folder on an image-folder test split, through the service's own code path.
 
-Every JPEG goes through `service.images.ImageDecoder` and `service.cascade.run_cascade` on onnxruntime, exactly
+Every JPEG goes through `service.images.ImageDecoder` and `cascade.run_cascade` on onnxruntime, exactly
 as `POST /classify` would (without HTTP), so the numbers are what users get. Reports routed accuracy (the
 manifest's default threshold) and all-experts accuracy, overall and per many / medium / few group, the
 histogram of experts used and the mean relative compute. Needs only the service's environment (no torch).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.cascade import run_cascade
+from cascade import run_cascade
 from service.images import ImageDecoder
 from service.model import load_model
 

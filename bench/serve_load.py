@@ -8,7 +8,7 @@ in a separate process is the fallback) at each concurrency, posting real CIFAR-1
 - full: ``threshold=0&max_experts=E``, every expert (and router) runs for every image.
 
 The mean experts used and the mean batch size come from the server's own /metrics. Then, with the server
-stopped, the same cascade (`service.cascade.run_cascade`) runs on the same decoded images in batches of
+stopped, the same cascade (`cascade.run_cascade`) runs on the same decoded images in batches of
 ``max_batch_size`` without HTTP, on the same CPUs with the same thread count: the raw limit.
 
 The load generator gets its own CPUs (``--client-cpus``, default the last one) and the server the others, so
@@ -42,8 +42,8 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from cascade import run_cascade  # noqa: E402
 from export.manifest import load_manifest  # noqa: E402
-from service.cascade import run_cascade  # noqa: E402
 from service.images import ImageDecoder  # noqa: E402
 from service.model import load_model  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402

@@ -271,7 +271,7 @@ def plan_graphs(source: SourceModel, *, seed: int = 0) -> list[GraphJob]:
             jobs.append(
                 GraphJob(
                     router_file(k),
-                    source.routers.single(k - 1).eval(),
+                    source.routers.single(k).eval(),
                     (running / k, feature),
                     [ROUTER_MEAN_LOGITS, ROUTER_FEATURE],
                     [ROUTER_OUTPUT],

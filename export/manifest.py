@@ -17,6 +17,8 @@ from typing import Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cascade import DECISION_RULE, CostModel, Threshold
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -102,11 +104,9 @@ class Graphs(_Strict):
 class Cascade(_Strict):
     num_experts: int = Field(ge=1, le=8)
     has_routers: bool
-    default_threshold: float = Field(ge=0.0, le=1.0)
+    default_threshold: Threshold
     top_z: int | None = Field(None, ge=1)
-    decision_rule: Literal["continue when sigmoid(router_logit) >= threshold"] = (
-        "continue when sigmoid(router_logit) >= threshold"
-    )
+    decision_rule: Literal[DECISION_RULE] = DECISION_RULE
     all_experts_without_routers: bool = Field(
         description="True when there are no routers: every request runs all experts."
     )
@@ -145,6 +145,14 @@ class Manifest(_Strict):
 
     def graph_specs(self) -> list[GraphSpec]:
         return [self.graphs.trunk, *self.graphs.experts, *self.graphs.routers]
+
+    def cost_model(self) -> CostModel:
+        """The cascade's compute model from the MACs per image of each graph."""
+        return CostModel(
+            trunk_macs=self.graphs.trunk.macs_per_image,
+            expert_macs=tuple(g.macs_per_image for g in self.graphs.experts),
+            router_macs=tuple(g.macs_per_image for g in self.graphs.routers),
+        )
 
 
 def json_schema() -> dict:

@@ -1,8 +1,9 @@
 """Verification of a model folder: schema, hashes, graph rules, and parity with the PyTorch checkpoint.
 
-Parity runs real images through the ONNX cascade (onnxruntime, CPU) and through PyTorch (trunk + experts +
-routers replayed by :func:`training.models.router.cascade_from_outputs` at the manifest's default threshold)
-and requires, for float32 graphs:
+Parity runs real images through the service's cascade (`cascade.run_cascade`) twice, at the manifest's default
+threshold: on the exported graphs (onnxruntime, CPU) and on the PyTorch checkpoint's trunk, experts and routers
+(`training.replay`). Both decide with the one rule, so what differs is the graphs alone. It requires, for
+float32 graphs:
 
 - every logit (each expert's, each router's alone, the cascade's router logits and its final mean logits) within
   ``atol`` = 1e-4 of PyTorch; feature maps and pooled features, which are unbounded (a few hundred), within 1e-4
@@ -10,8 +11,8 @@ and requires, for float32 graphs:
 - identical predictions and identical numbers of experts used, except for rows where a router logit lies within
   ``threshold_band`` = 1e-5 of logit(threshold): there the two runtimes may legitimately decide
   differently (../shared/REFERENCE-RIDE.md trap 13). Those rows are counted and reported, and excluded from the
-  logit comparison only when their decisions actually differ. (The band widens to float32's resolution of
-  sigmoid at thresholds so close to 0 or 1 that PyTorch's float32 sigmoid cannot resolve 1e-5 in logit.)
+  logit comparison only when their decisions actually differ. (The band widens to the rule's float64
+  resolution of sigmoid at thresholds so close to 0 or 1 that it cannot resolve 1e-5 in logit.)
 
 Float16 graphs are compared with the float32 PyTorch model at looser, measured tolerances (:data:`FP16`): their
 weights and arithmetic are rounded to float16, so logits differ by up to a few hundredths and a prediction may
@@ -29,15 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.cascade_ort import CascadeRun, GraphRuntimeError, OrtModel
+from cascade import CascadeResult, run_cascade
 from export.graphs import ExportError, SourceModel, check_graph, load_source, read_graph_io
 from export.manifest import Manifest, ManifestError, load_manifest
+from export.ort_model import GraphRuntimeError, OrtModel
 from training.checkpoint import CheckpointMeta
 from training.data import DataError, load_data, normalize
 from training.data.cifar import find_cifar_dir
 from training.data.folder import decode_images
 from training.models import ExpertOutputs
-from training.models.router import cascade_from_outputs
+from training.replay import ReplayGraphs
 
 DEFAULT_NUM_IMAGES = 256
 VERIFICATION_FILE = "verification.json"
@@ -216,11 +218,12 @@ def threshold_logit(threshold: float) -> float:
 
 
 def decision_band(threshold: float, band: float) -> float:
-    """``band``, or the logit step that one float32 rounding of sigmoid(logit) makes near ``threshold`` if that is
-    wider: PyTorch decides on float32 probabilities, which near 0 and 1 cannot resolve a 1e-5 change of logit."""
+    """``band``, or the logit step that one float64 rounding of sigmoid(logit) makes near ``threshold`` if that is
+    wider: the rule decides on float64 probabilities, which very near 0 and 1 cannot resolve a 1e-5 change of
+    logit."""
     if not 0.0 < threshold < 1.0:
         return band
-    return max(band, 2.0 * float(np.finfo(np.float32).eps) / (threshold * (1.0 - threshold)))
+    return max(band, 2.0 * float(np.finfo(np.float64).eps) / (threshold * (1.0 - threshold)))
 
 
 def _near_threshold(router_logits: np.ndarray, threshold: float, band: float) -> np.ndarray:
@@ -280,42 +283,36 @@ def check_parity(
     for k in range(model.num_experts):
         compare.logits(f"expert_{k + 1}.logits", got.logits[:, k], expected.logits[:, k].numpy())
         compare.features(f"expert_{k + 1}.feature", got.features[:, k], expected.features[:, k].numpy())
-    used_routers = routers if onnx_model.routers else None
+    used_routers = routers if onnx_model.has_routers else None
     if used_routers is not None:
         # Each router on PyTorch's own inputs (all rows), so that its error is measured alone.
         running = torch.zeros_like(expected.logits[:, 0])
         for k in range(1, model.num_experts):
             running = running + expected.logits[:, k - 1]
             mean, feature = running / k, expected.features[:, k - 1]
-            want = used_routers(k - 1, mean, feature).numpy()
+            want = used_routers(k, mean, feature).numpy()
             compare.router_logits(f"router_{k}", onnx_model.router(k, mean.numpy(), feature.numpy()), want)
-    reference = cascade_from_outputs(expected.logits, expected.features, used_routers, threshold=threshold)
-    run = onnx_model.cascade(images.numpy(), threshold)
+    reference = ReplayGraphs(expected, used_routers, onnx_model.cost).replay(threshold=threshold)
+    run = run_cascade(onnx_model, images.numpy(), thresholds=threshold, max_experts=onnx_model.num_experts)
     return judge_cascade(
-        run,
-        *(t.numpy() for t in reference),
-        threshold=threshold,
-        tolerances=tolerances,
-        precision=precision,
-        graphs=compare,
+        run, reference, threshold=threshold, tolerances=tolerances, precision=precision, graphs=compare
     )
 
 
 def judge_cascade(
-    run: CascadeRun,
-    ref_logits: np.ndarray,
-    ref_used: np.ndarray,
-    ref_router: np.ndarray,
+    run: CascadeResult,
+    reference: CascadeResult,
     *,
     threshold: float,
     tolerances: Tolerances,
     precision: str = "float32",
     graphs: _Comparison | None = None,
 ) -> ParityReport:
-    """Judge the ONNX cascade ``run`` against PyTorch's (final logits, experts used, router logits), adding the
-    per-graph differences already measured in ``graphs``."""
+    """Judge the cascade on the ONNX graphs (``run``) against the cascade on PyTorch (``reference``): final logits,
+    experts used and router logits, adding the per-graph differences already measured in ``graphs``."""
     compare = graphs if graphs is not None else _Comparison(tolerances)
     tol = tolerances
+    ref_logits, ref_used, ref_router = reference.logits, reference.experts_used, reference.router_logits
     near = _near_threshold(ref_router, threshold, tol.threshold_band) | _near_threshold(
         run.router_logits, threshold, tol.threshold_band
     )
@@ -323,7 +320,7 @@ def judge_cascade(
     # Router logits where both runtimes reached the router; final logits where both used the same experts.
     both = ~np.isnan(run.router_logits) & ~np.isnan(ref_router)
     compare.router_logits("cascade.router_logits", run.router_logits[both], ref_router[both])
-    compare.logits("cascade.logits", run.mean_logits[same], ref_logits[same])
+    compare.logits("cascade.logits", run.logits[same], ref_logits[same])
     problems = compare.problems()
     stray = np.flatnonzero(~same & ~near)
     if stray.size:
@@ -334,7 +331,7 @@ def judge_cascade(
         )
     top2 = np.sort(ref_logits, axis=1)[:, -2:]
     near_tie = (top2[:, -1] - top2[:, 0] <= tol.tie_margin) if tol.tie_margin > 0 else np.zeros_like(same)
-    differ = same & (run.mean_logits.argmax(axis=1) != ref_logits.argmax(axis=1))
+    differ = same & (run.logits.argmax(axis=1) != ref_logits.argmax(axis=1))
     if (differ & ~near_tie).any():
         problems.append(f"{int((differ & ~near_tie).sum())} rows predict a different class than PyTorch")
     num_experts = run.router_logits.shape[1] + 1

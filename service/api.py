@@ -26,8 +26,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cascade import CascadeResult, run_cascade
 from service.batcher import Batcher, RowResult
-from service.cascade import CascadeResult, run_cascade
 from service.errors import (
     ImageTooLargeError,
     InvalidImageError,
@@ -314,7 +314,7 @@ def _model_summary(state: ServiceState) -> ModelSummary:
             trunk_macs=cost.trunk_macs,
             expert_macs=list(cost.expert_macs),
             router_macs=list(cost.router_macs),
-            full_ensemble_macs=cost.full_macs,
+            full_ensemble_macs=cost.full_ensemble_macs,
         ),
         evaluation=manifest.metrics.model_dump(),
     )

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service.cascade import CascadeResult
+from cascade import CascadeResult
 from service.errors import NotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)

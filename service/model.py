@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cascade import CostModel, run_cascade
 from export.manifest import (
     EXPERT_FEATURE,
     EXPERT_INPUT,
@@ -27,7 +28,6 @@ from export.manifest import (
     ManifestError,
     load_manifest,
 )
-from service.cascade import CostModel, run_cascade
 from service.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class _Graph:
 class OnnxModel:
     """A loaded model folder: the manifest plus one onnxruntime session per graph.
 
-    Implements `service.cascade.CascadeGraphs`, so ``run_cascade(model, images, ...)`` runs it.
+    Implements `cascade.CascadeGraphs`, so ``run_cascade(model, images, ...)`` runs it.
     """
 
     def __init__(self, manifest: Manifest, folder: Path, graphs: Sequence[_Graph]) -> None:
@@ -154,7 +154,7 @@ class OnnxModel:
         self._trunk = graphs[0]
         self._experts = list(graphs[1 : 1 + num_experts])
         self._routers = list(graphs[1 + num_experts :])
-        self._cost = CostModel.from_manifest(manifest)
+        self._cost = manifest.cost_model()
         self.providers_by_graph = {
             spec.file: g.session.get_providers() for spec, g in zip(manifest.graph_specs(), graphs, strict=True)
         }

@@ -143,11 +143,12 @@ CALIBRATION_IMAGES = slice(100, 104)
 
 
 def _median_router_logit(routers, k: int, outputs) -> float:
+    """Router k's (1-based) median logit on ``outputs``."""
     import torch
 
     with torch.no_grad():
-        mean = outputs.logits[:, : k + 1].mean(dim=1)
-        return routers(k, mean, outputs.features[:, k]).median().item()
+        mean = outputs.logits[:, :k].mean(dim=1)
+        return routers(k, mean, outputs.features[:, k - 1]).median().item()
 
 
 def centre_routers(routers, outputs, target: float) -> None:
@@ -161,10 +162,10 @@ def centre_routers(routers, outputs, target: float) -> None:
     import torch
 
     with torch.no_grad():
-        routers.fc.bias -= _median_router_logit(routers, 0, outputs) - target
+        routers.fc.bias -= _median_router_logit(routers, 1, outputs) - target
         direction = torch.sign(routers.fc.weight[0, routers.top_z :])
-        for k in range(1, routers.num_experts - 1):
-            bias = routers.hidden_fcs[k].bias
+        for k in range(2, routers.num_experts):
+            bias = routers.hidden_fcs[k - 1].bias
             start = bias.clone()
             low, high = -100.0, 100.0
             for _ in range(40):
@@ -184,7 +185,7 @@ def early_exit_checkpoint(
 
     from export.graphs import load_source
     from export.verify import normalized
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.checkpoint import load_checkpoint, router_state, save_checkpoint
     from training.data.folder import decode_images
 
     base = tmp_path_factory.mktemp("early-exit")
@@ -197,7 +198,7 @@ def early_exit_checkpoint(
         outputs = source.model(normalized(images, source.meta))
         centre_routers(source.routers, outputs, target=0.0)
     meta, weights = load_checkpoint(tiny_routed_checkpoint)
-    weights.update({f"routers.{k}": v for k, v in source.routers.state_dict().items()})
+    weights.update(router_state(source.routers))
     metrics = {k: v for k, v in (meta.metrics or {}).items() if k != "routed"} or None
     folder = base / "checkpoint"
     save_checkpoint(folder, weights, meta.model_copy(update={"metrics": metrics}))

@@ -30,7 +30,9 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            }
     return found & known
 
 
@@ -70,7 +72,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_first_party_module_is_part_of_an_import_cycle() -> None:
     graph = import_graph()
-    assert "training.train" in graph and graph["training.train"], "the import graph came out empty"
+    assert graph.get("training.train"), "the import graph came out empty"
     assert cycles(graph) == []
 
 

@@ -1,7 +1,7 @@
 """The accuracy-compute curve of a routed checkpoint and the choice of its decision threshold.
 
-The cascade is replayed (``cascade_from_outputs``) on per-expert outputs predicted once, for every threshold of
-a sweep and every expert limit 1..E. Thresholds are a fine grid 0, 0.01, ..., 1 plus the percentiles of the
+The service's cascade is replayed (`training.replay`) on per-expert outputs predicted once, for every threshold
+of a sweep and every expert limit 1..E. Thresholds are a fine grid 0, 0.01, ..., 1 plus the percentiles of the
 router probabilities on the split (where the decisions actually change). Relative compute is the mean MACs
 spent per image over the cost of running everything (all experts and all routers) on every image, so the
 all-experts point (limit E, threshold 0) sits at exactly 1.
@@ -9,9 +9,10 @@ all-experts point (limit E, threshold 0) sits at exactly 1.
 Thresholds are chosen on the validation split carved from the training data (``DataConfig.val_per_class``),
 never on the test set; the test curve is written beside it for information only.
 
-The decision rule is ``sigmoid(logit) >= threshold`` in float32 (as in the export and the service), and float32
-sigmoid is exactly 1.0 for logits above about 16.6: such images continue at every threshold, 1 included, so
-with saturated routers the curve cannot reach the single-expert cost (``max_experts`` still can).
+The decision rule is the cascade's (`cascade.continues`: ``sigmoid(logit) >= threshold`` in float64, as the
+service decides), and float64 sigmoid is exactly 1.0 for logits above about 37: such images continue at every
+threshold, 1 included, so with saturated routers the curve cannot reach the single-expert cost (``max_experts``
+still can).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from cascade import sigmoid
 from training.atomic import atomic_write
 from training.config import ConfigError
-from training.evaluate import CascadeCost, accuracy_metrics
-from training.models import ExpertOutputs
-from training.models.router import Routers, cascade_from_outputs
+from training.evaluate import accuracy_metrics
+from training.replay import ReplayGraphs
 
 CURVE_CSV = "curve.csv"
 CURVE_PNG = "curve.png"
@@ -52,23 +54,23 @@ class CurvePoint:
     relative_compute: float
 
 
-def router_probabilities(outputs: ExpertOutputs, routers: Routers) -> torch.Tensor:
-    """``sigmoid`` of every router on every image (threshold 0 reaches them all), flattened."""
-    _, _, logits = cascade_from_outputs(outputs.logits, outputs.features, routers, threshold=0.0)
-    return torch.sigmoid(logits).flatten()
+def router_probabilities(graphs: ReplayGraphs) -> np.ndarray:
+    """The decision rule's ``sigmoid`` (float64) of every router on every image (threshold 0 reaches them all),
+    flattened."""
+    return sigmoid(graphs.replay(threshold=0.0).router_logits).reshape(-1)
 
 
-def sweep_thresholds(probabilities: torch.Tensor, steps: int = GRID_STEPS) -> list[tuple[float, str]]:
+def sweep_thresholds(probabilities: np.ndarray, steps: int = GRID_STEPS) -> list[tuple[float, str]]:
     """The grid ``0, 1/steps, ..., 1`` plus the 1st..99th percentiles of ``probabilities``, sorted, unique.
 
-    Percentiles are taken as observed float32 probabilities, so a threshold equal to one of them makes that
-    image continue (``>=``) and the stored Python float reproduces the decision exactly.
+    Percentiles are taken as observed probabilities of the decision rule, so a threshold equal to one of them
+    makes that image continue (``>=``) and the stored Python float reproduces the decision exactly.
     """
     values = {i / steps: "grid" for i in range(steps + 1)}
-    finite = probabilities[torch.isfinite(probabilities)].float().sort().values
+    finite = np.sort(probabilities[np.isfinite(probabilities)])
     if len(finite):
         for q in range(1, 100):
-            value = float(finite[min(len(finite) - 1, (q * len(finite)) // 100)].item())
+            value = float(finite[min(len(finite) - 1, (q * len(finite)) // 100)])
             values.setdefault(value, "percentile")
     return sorted(values.items())
 
@@ -78,22 +80,14 @@ def _point(
     max_experts: int,
     threshold: float | None,
     source: str,
-    outputs: ExpertOutputs,
+    graphs: ReplayGraphs,
     labels: torch.Tensor,
     groups: Sequence[str],
-    routers: Routers,
-    cost: CascadeCost,
 ) -> CurvePoint:
-    final, used, _ = cascade_from_outputs(
-        outputs.logits,
-        outputs.features,
-        routers,
-        threshold=0.0 if threshold is None else threshold,
-        max_experts=max_experts,
-    )
+    result = graphs.replay(threshold=0.0 if threshold is None else threshold, max_experts=max_experts)
     names = [str(c) for c in range(len(groups))]
-    accuracy = accuracy_metrics(final.argmax(dim=1).cpu(), labels, names, groups)
-    spent = cost.per_image(used, max_experts)
+    accuracy = accuracy_metrics(torch.from_numpy(result.logits.argmax(axis=1)), labels, names, groups)
+    spent = graphs.cost.spent_macs(result.experts_used, result.routers_evaluated)
     return CurvePoint(
         split=split,
         max_experts=max_experts,
@@ -103,18 +97,16 @@ def _point(
         many=accuracy["groups"]["many"],
         medium=accuracy["groups"]["medium"],
         few=accuracy["groups"]["few"],
-        mean_experts_used=used.double().mean().item(),
-        mean_macs=spent.mean().item(),
-        relative_compute=spent.mean().item() / cost.full,
+        mean_experts_used=float(result.experts_used.mean()),
+        mean_macs=float(spent.mean()),
+        relative_compute=float(spent.mean()) / graphs.cost.full_ensemble_macs,
     )
 
 
 def accuracy_compute_curve(
-    outputs: ExpertOutputs,
+    graphs: ReplayGraphs,
     labels: torch.Tensor,
     groups: Sequence[str],
-    routers: Routers,
-    cost: CascadeCost,
     *,
     split: str,
     thresholds: Sequence[tuple[float, str]] | None = None,
@@ -124,10 +116,10 @@ def accuracy_compute_curve(
     ``thresholds`` defaults to :func:`sweep_thresholds` of this split's router probabilities.
     """
     if thresholds is None:
-        thresholds = sweep_thresholds(router_probabilities(outputs, routers))
-    args = (outputs, labels, groups, routers, cost)
+        thresholds = sweep_thresholds(router_probabilities(graphs))
+    args = (graphs, labels, groups)
     points = [_point(split, 1, None, "none", *args)]
-    for limit in range(2, outputs.logits.shape[1] + 1):
+    for limit in range(2, graphs.num_experts + 1):
         points += [_point(split, limit, value, source, *args) for value, source in thresholds]
     return points
 

@@ -4,27 +4,27 @@ Group accuracy is the unweighted mean of the per-class accuracies in the group (
 overall accuracy is the sample accuracy.
 
 A checkpoint with routers is also evaluated as the early-exit cascade (``metrics["routed"]``): the per-expert
-outputs are computed once and the cascade is replayed on them (``cascade_from_outputs``), which gives exactly
-what running the experts only on the surviving images gives, because every image's answer depends only on its
-own outputs. The compute actually spent is counted per image (../shared/REFERENCE-RIDE.md 6, trap 19): shared trunk +
-the experts it ran + the routers it evaluated, in thop-rule MACs.
+outputs are computed once and the service's cascade is replayed on them (`training.replay`). The compute
+actually spent is counted per image (../shared/REFERENCE-RIDE.md 6, trap 19): the trunk + the experts it ran + the
+routers it evaluated, in thop-rule MACs (`cascade.CostModel`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cascade import CostModel
 from training.atomic import atomic_write, atomic_write_json
 from training.checkpoint import CheckpointMeta
 from training.data import ImageSet, LongTailData, normalize
-from training.macs import count_macs, model_macs
+from training.macs import cascade_cost, model_macs
 from training.models import ExpertOutputs, RIDEModel
-from training.models.router import Routers, cascade_from_outputs
+from training.models.router import Routers
+from training.replay import ReplayGraphs
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_PLOT = "per_class_accuracy.png"
@@ -121,7 +121,7 @@ def metrics_from_outputs(
     }
     if routers is not None:
         cost = cascade_cost(model, routers, meta.input.image_size)
-        metrics["cost"]["macs_per_image"]["routers"] = cost.routers
+        metrics["cost"]["macs_per_image"]["routers"] = list(cost.router_macs)
         metrics["routed"] = routed_metrics(
             outputs, test.labels, meta.class_names, meta.class_groups, routers, threshold=threshold, cost=cost
         )
@@ -144,49 +144,8 @@ def cost_metrics(model: RIDEModel, image_size: int) -> dict[str, Any]:
     macs = model_macs(model, image_size)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "macs_per_image": {"shared": macs.shared, "experts": macs.experts, "total": macs.total},
+        "macs_per_image": {"trunk": macs.trunk_macs, "experts": list(macs.expert_macs), "total": macs.all_experts_macs},
     }
-
-
-@dataclass(frozen=True)
-class CascadeCost:
-    """MACs per image of the parts of an early-exit cascade: shared trunk, each expert, each router."""
-
-    shared: int
-    experts: list[int]
-    routers: list[int]
-
-    @property
-    def full(self) -> int:
-        """Every part run on every image: all experts plus all routers (the denominator of relative compute)."""
-        return self.shared + sum(self.experts) + sum(self.routers)
-
-    def per_image(self, used: torch.Tensor, max_experts: int | None = None) -> torch.Tensor:
-        """MACs (float64) each image spent when it ran ``used`` experts in a cascade limited to ``max_experts``.
-
-        An image that stopped after k < limit experts evaluated k routers (the last one said stop); one that
-        reached the limit evaluated limit - 1 (no router runs after the last allowed expert).
-        """
-        limit = len(self.experts) if max_experts is None else max(1, min(max_experts, len(self.experts)))
-        expert_cum = torch.tensor([0, *self.experts], dtype=torch.float64).cumsum(0)
-        router_cum = torch.tensor([0, *self.routers], dtype=torch.float64).cumsum(0)
-        used = used.cpu().long()
-        routers_run = torch.where(used < limit, used, limit - 1) if self.routers else torch.zeros_like(used)
-        return self.shared + expert_cum[used] + router_cum[routers_run]
-
-
-def router_macs(routers: Routers) -> list[int]:
-    """MACs per image of each router (thop rules via :func:`count_macs` on ``Routers.single(k)``)."""
-    parameter = next(routers.parameters())
-    mean_logits = torch.ones(1, routers.num_classes, device=parameter.device)
-    feature = torch.ones(1, routers.feature_dim, device=parameter.device)
-    return [count_macs(routers.single(k), mean_logits, feature) for k in range(routers.num_experts - 1)]
-
-
-def cascade_cost(model: RIDEModel, routers: Routers | None, image_size: int) -> CascadeCost:
-    """Per-part MACs of ``model`` (and its routers, if any) on one ``image_size`` image."""
-    macs = model_macs(model, image_size)
-    return CascadeCost(macs.shared, list(macs.experts), router_macs(routers) if routers is not None else [])
 
 
 def _per_group(values: torch.Tensor, labels: torch.Tensor, groups: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -207,7 +166,7 @@ def routed_metrics(
     routers: Routers,
     *,
     threshold: float,
-    cost: CascadeCost,
+    cost: CostModel,
     max_experts: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy, experts used and MACs spent by the early-exit cascade at ``threshold``.
@@ -215,12 +174,10 @@ def routed_metrics(
     Groups of the histogram and of the mean experts used are those of each image's true class.
     """
     num_experts = outputs.logits.shape[1]
-    final, used, _ = cascade_from_outputs(
-        outputs.logits, outputs.features, routers, threshold=threshold, max_experts=max_experts
-    )
-    metrics = accuracy_metrics(final.argmax(dim=1).cpu(), labels, class_names, groups)
-    used = used.cpu()
-    spent = cost.per_image(used, max_experts)
+    result = ReplayGraphs(outputs, routers, cost).replay(threshold=threshold, max_experts=max_experts)
+    metrics = accuracy_metrics(torch.from_numpy(result.logits.argmax(axis=1)), labels, class_names, groups)
+    used = torch.from_numpy(result.experts_used)
+    spent = torch.from_numpy(cost.spent_macs(result.experts_used, result.routers_evaluated))
     histogram, counts, mean_used, mean_macs = {}, {}, {}, {}
     for key, values in _per_group(torch.stack([used.double(), spent], 1), labels, groups).items():
         group_used = values[:, 0].long()
@@ -240,9 +197,9 @@ def routed_metrics(
             "experts_used_counts": counts,
             "mean_macs_per_image": mean_spent,
             "mean_macs_per_image_per_group": {g: mean_macs[g] for g in GROUPS},
-            "macs_all_experts_and_routers": cost.full,
-            "relative_compute": mean_spent / cost.full,
-            "relative_compute_vs_plain_model": mean_spent / (cost.shared + sum(cost.experts)),
+            "full_ensemble_macs": cost.full_ensemble_macs,
+            "relative_compute": mean_spent / cost.full_ensemble_macs,
+            "relative_compute_vs_plain_model": mean_spent / cost.all_experts_macs,
         }
     )
     return metrics

@@ -12,7 +12,7 @@ The rules reproduce thop 0.1.1, which the reference's ``utils/gflops.py`` uses a
   global average pool, exactly as thop saw the reference model.
 
 On 1x3x32x32 with 100 classes this gives 70,080,832 for the ResNet-32 baseline (reference 70.08 M) and, for
-RIDE reduce_dim, 24,756,224 shared + 25,809,648 per expert (50.57 M for one expert). The reference figures for
+RIDE reduce_dim, 24,756,224 trunk + 25,809,648 per expert (50.57 M for one expert). The reference figures for
 E >= 2 (76.37 / 102.17 / 127.98 M) are 4,848 MACs per extra expert lower: they are reproduced exactly when the
 multi-expert model's classifiers count 0, i.e. thop's custom NormedLinear rule did not reach the classifier
 class of the multi-expert reference model. Here every classifier is counted (<= 0.02 % difference).
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
+from cascade import CostModel
 from training.models import CosineClassifier, RIDEModel
+from training.models.router import Routers
 
 
 def _conv_macs(m: nn.Conv2d, x: Tensor, y: Tensor) -> int:
@@ -94,27 +96,24 @@ def count_macs(module: nn.Module, *inputs: Tensor) -> int:
     return total // inputs[0].shape[0]
 
 
-@dataclass(frozen=True)
-class MacsBreakdown:
-    """MACs per sample of a RIDE model: the shared trunk and each expert (classifier included)."""
-
-    shared: int
-    experts: list[int]
-
-    @property
-    def total(self) -> int:
-        """MACs of the full ensemble (trunk + every expert)."""
-        return self.shared + sum(self.experts)
-
-    def up_to(self, num_experts: int) -> int:
-        """MACs of a cascade that stops after the first ``num_experts`` experts."""
-        return self.shared + sum(self.experts[:num_experts])
-
-
-def model_macs(model: RIDEModel, image_size: int) -> MacsBreakdown:
-    """Count the MACs of ``model`` on one ``3 x image_size x image_size`` image, trunk and experts separately."""
+def model_macs(model: RIDEModel, image_size: int) -> CostModel:
+    """MACs of ``model`` on one ``3 x image_size x image_size`` image: the trunk and each expert (no routers)."""
     parameter = next(model.parameters())
     image = torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
-    shared, shared_map = _run_counted(model.trunk, (image,))
-    experts = [count_macs(expert, shared_map) for expert in model.experts]
-    return MacsBreakdown(shared=shared, experts=experts)
+    trunk, shared = _run_counted(model.trunk, (image,))
+    return CostModel(trunk_macs=trunk, expert_macs=tuple(count_macs(expert, shared) for expert in model.experts))
+
+
+def router_macs(routers: Routers) -> tuple[int, ...]:
+    """MACs per image of each router, 1..E-1."""
+    parameter = next(routers.parameters())
+    mean_logits = torch.ones(1, routers.num_classes, device=parameter.device)
+    feature = torch.ones(1, routers.feature_dim, device=parameter.device)
+    return tuple(count_macs(routers.single(k), mean_logits, feature) for k in range(1, routers.num_experts))
+
+
+def cascade_cost(model: RIDEModel, routers: Routers | None, image_size: int) -> CostModel:
+    """The compute model of ``model`` and its routers (if any) on ``image_size`` images: the MACs the export
+    writes into the manifest, per graph."""
+    cost = model_macs(model, image_size)
+    return cost if routers is None else replace(cost, router_macs=router_macs(routers))

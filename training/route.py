@@ -36,11 +36,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from cascade import CostModel
 from training.checkpoint import (
     CheckpointMeta,
     RouterInfo,
@@ -63,10 +65,12 @@ from training.curve import (
     write_curve_csv,
 )
 from training.data import BatchAugment, DataError, ImageSet, LongTailData, balanced_indices, load_data
-from training.evaluate import CascadeCost, cascade_cost, metrics_from_outputs, predict, print_summary, write_report
+from training.evaluate import metrics_from_outputs, predict, print_summary, write_report
+from training.macs import cascade_cost
 from training.models import ExpertOutputs, RIDEModel
 from training.models.blocks import init_weights
 from training.models.router import Routers
+from training.replay import ReplayGraphs
 from training.run_folder import LOG_FILE, append_log, epoch_seed, prepare_output
 from training.runtime import resolve_device
 
@@ -75,8 +79,8 @@ ROUTER_MOMENTUM = 0.9
 
 
 def router_targets(expert_logits: Tensor, labels: Tensor) -> Tensor:
-    """``bool [B, E-1]``: column k is True when the running mean of experts 0..k is wrong and the running mean of
-    some 0..j with j > k is right (../shared/REFERENCE-RIDE.md 3.3)."""
+    """``bool [B, E-1]``: column k - 1 (router k) is True when the running mean of experts 1..k is wrong and the
+    running mean of some 1..j with j > k is right (../shared/REFERENCE-RIDE.md 3.3)."""
     num_experts = expert_logits.shape[1]
     counts = torch.arange(1, num_experts + 1, device=expert_logits.device, dtype=expert_logits.dtype)
     running_mean = expert_logits.cumsum(dim=1) / counts.view(1, -1, 1)
@@ -96,9 +100,9 @@ def routing_loss(
     running_mean = expert_logits.cumsum(dim=1) / counts.view(1, -1, 1)
     weight = torch.tensor(pos_weight, device=expert_logits.device)
     total = expert_logits.new_zeros(())
-    for k in range(num_experts - 1):
-        logit = routers(k, running_mean[:, k], expert_features[:, k])
-        total = total + F.binary_cross_entropy_with_logits(logit, targets[:, k], pos_weight=weight)
+    for k in range(1, num_experts):
+        logit = routers(k, running_mean[:, k - 1], expert_features[:, k - 1])
+        total = total + F.binary_cross_entropy_with_logits(logit, targets[:, k - 1], pos_weight=weight)
     return total / (num_experts - 1), targets
 
 
@@ -261,9 +265,10 @@ def train_routers(
     return records
 
 
-def _check_reachable(target_compute: float, cost: CascadeCost) -> None:
+def _check_reachable(target_compute: float, cost: CostModel) -> None:
     """Fail before training when even stopping every image after expert 1 costs more than the target."""
-    cheapest = (cost.shared + cost.experts[0] + cost.routers[0]) / cost.full
+    one = np.ones(1, dtype=np.int64)  # one expert run, one router asked
+    cheapest = float(cost.relative_compute(experts_used=one, routers_evaluated=one)[0])
     if target_compute < cheapest:
         raise ConfigError(
             f"--target-compute {target_compute} is below what any threshold can reach: stopping every image after "
@@ -297,15 +302,14 @@ def _new_routers(meta: CheckpointMeta, cfg: TrainConfig, feature_dim: int) -> Ro
 
 
 def _curves(
-    predicted: dict[str, ExpertOutputs], data: LongTailData, groups: list[str], routers: Routers, cost: CascadeCost
+    predicted: dict[str, ExpertOutputs], data: LongTailData, groups: list[str], routers: Routers, cost: CostModel
 ) -> list[CurvePoint]:
     """Validation and test curves, both over the thresholds derived from the validation split."""
-    thresholds = sweep_thresholds(router_probabilities(predicted["val"], routers))
+    graphs = {name: ReplayGraphs(outputs, routers, cost) for name, outputs in predicted.items()}
+    thresholds = sweep_thresholds(router_probabilities(graphs["val"]))
     curve = []
     for name, split in (("val", data.val), ("test", data.test)):
-        curve += accuracy_compute_curve(
-            predicted[name], split.labels, groups, routers, cost, split=name, thresholds=thresholds
-        )
+        curve += accuracy_compute_curve(graphs[name], split.labels, groups, split=name, thresholds=thresholds)
     return curve
 
 

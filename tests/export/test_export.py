@@ -17,10 +17,10 @@ import onnx
 import pytest
 import torch
 
+from cascade import CascadeResult, run_cascade
 from export import verify as verify_module
 from export.__main__ import main
 from export.build import export_checkpoint
-from export.cascade_ort import CascadeRun, OrtGraph, OrtModel
 from export.graphs import ExportError, SourceModel, check_graph, convert_to_float16, load_source
 from export.manifest import (
     MANIFEST_NAME,
@@ -30,6 +30,7 @@ from export.manifest import (
     sha256_file,
     shipped_schema,
 )
+from export.ort_model import OrtGraph, OrtModel
 from export.verify import (
     FP32,
     VERIFICATION_FILE,
@@ -41,7 +42,7 @@ from export.verify import (
     normalized,
 )
 from training.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
-from training.evaluate import cascade_cost
+from training.macs import cascade_cost
 from training.models import ExpertOutputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,9 +118,7 @@ def test_manifest_describes_the_checkpoint(manifest: Manifest, tiny_routed_check
     assert (cascade.num_experts, cascade.has_routers, cascade.top_z) == (3, True, meta.routers.top_z)
     assert cascade.default_threshold == meta.routers.threshold and not cascade.all_experts_without_routers
     cost = cascade_cost(source.model, source.routers, 32)
-    assert manifest.graphs.trunk.macs_per_image == cost.shared
-    assert [g.macs_per_image for g in manifest.graphs.experts] == cost.experts
-    assert [g.macs_per_image for g in manifest.graphs.routers] == cost.routers
+    assert manifest.cost_model() == cost
     assert manifest.metrics.all_experts_accuracy == meta.metrics["all_experts"]["top1"]
     assert manifest.metrics.routed_accuracy == meta.metrics["routed"]["top1"]
     assert manifest.metrics.mean_experts_used == meta.metrics["routed"]["mean_experts_used"]
@@ -177,7 +176,7 @@ def reference(exported_model_dir: Path, manifest: Manifest, tiny_routed_checkpoi
     with torch.no_grad():
         outputs = source.model(images)
         inputs = [(outputs.logits[:, : k + 1].mean(dim=1), outputs.features[:, k]) for k in range(2)]
-        logits = [source.routers(k, *inputs[k]) for k in range(2)]
+        logits = [source.routers(k + 1, *inputs[k]) for k in range(2)]
     return Reference(OrtModel(exported_model_dir, manifest), source, images, outputs, inputs, logits)
 
 
@@ -193,8 +192,8 @@ def test_every_graph_takes_any_batch_size(reference: Reference, batch: int) -> N
         router = reference.onnx_model.router(k, mean, feature)
         assert router.shape == (batch,)
         np.testing.assert_allclose(router, reference.router_logits[k - 1][:batch].numpy(), rtol=0, atol=1e-4)
-    run = reference.onnx_model.cascade(images, 0.5)
-    assert run.mean_logits.shape == (batch, 10) and run.experts_used.shape == (batch,)
+    run = run_cascade(reference.onnx_model, images, thresholds=0.5, max_experts=3)
+    assert run.logits.shape == (batch, 10) and run.experts_used.shape == (batch,)
 
 
 def test_parity_holds_where_the_cascade_exits_early(early_exit_model_dir: Path) -> None:
@@ -216,11 +215,24 @@ def test_rows_at_the_threshold_are_counted_and_may_decide_differently(
     images = normalized(load_verification_images(source.meta, cifar10_dir, 16), source.meta)
     with torch.no_grad():
         outputs = source.model(images)
-        logit = source.routers(0, outputs.logits[:, 0], outputs.features[:, 0])[3].item()
+        logit = source.routers(1, outputs.logits[:, 0], outputs.features[:, 0])[3].item()
     threshold = 1.0 / (1.0 + math.exp(-logit))
     report = check_parity(onnx_model, source, images, threshold=threshold, tolerances=FP32)
     assert report.passed, report.summary()
     assert report.near_threshold_rows >= 1
+
+
+def _result(logits, experts_used, router_logits) -> CascadeResult:
+    """A hand-made cascade result (the fields the parity judge reads; the rest are placeholders)."""
+    used = np.asarray(experts_used)
+    return CascadeResult(
+        logits=np.asarray(logits, dtype=np.float32),
+        probabilities=np.asarray(logits, dtype=np.float32),
+        experts_used=used,
+        routers_evaluated=used,
+        router_logits=np.asarray(router_logits, dtype=np.float32),
+        relative_compute=np.ones(len(used)),
+    )
 
 
 def test_decision_flips_are_allowed_only_at_the_threshold() -> None:
@@ -228,12 +240,8 @@ def test_decision_flips_are_allowed_only_at_the_threshold() -> None:
     counted); row 1 flips with its logit at 0.3 (a failure); row 2 agrees."""
     logits = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]], dtype=np.float32)
     ref_router = np.array([[5e-6], [0.3], [-2.0]], dtype=np.float32)
-    run = CascadeRun(
-        mean_logits=np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]], dtype=np.float32),
-        experts_used=np.array([1, 1, 1]),
-        router_logits=np.array([[-5e-6], [-0.3], [-2.0]], dtype=np.float32),
-    )
-    report = judge_cascade(run, logits, np.array([2, 2, 1]), ref_router, threshold=0.5, tolerances=FP32)
+    run = _result([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]], [1, 1, 1], [[-5e-6], [-0.3], [-2.0]])
+    report = judge_cascade(run, _result(logits, [2, 2, 1], ref_router), threshold=0.5, tolerances=FP32)
     assert (report.near_threshold_rows, report.decision_flips) == (1, 1)
     assert len(report.problems) == 2  # row 1's flip, and its router logit differing by 0.6
     assert any("1 rows used a different number of experts" in p for p in report.problems)
@@ -241,7 +249,7 @@ def test_decision_flips_are_allowed_only_at_the_threshold() -> None:
     # The same, with row 1 agreeing with PyTorch: only the allowed flip remains.
     agreeing = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=np.float32)
     fine_router = np.array([[5e-6], [-0.3], [-2.0]], dtype=np.float32)
-    fine = judge_cascade(run, agreeing, np.array([2, 1, 1]), fine_router, threshold=0.5, tolerances=FP32)
+    fine = judge_cascade(run, _result(agreeing, [2, 1, 1], fine_router), threshold=0.5, tolerances=FP32)
     assert fine.passed and fine.decision_flips == 1
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cascade import run_cascade
 from export.manifest import load_manifest
 from service.batcher import Batcher
-from service.cascade import run_cascade
 from service.errors import NotReadyError, OverloadedError
 from service.images import ImageDecoder
 from tests.service.conftest import NUM_EXPERTS

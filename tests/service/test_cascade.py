@@ -1,4 +1,5 @@
-"""The cascade over a batch, checked against a row-by-row reference built on raw onnxruntime sessions."""
+"""The cascade on the service's onnxruntime graphs, checked against a row-by-row reference built on raw
+onnxruntime sessions (the decision itself is `cascade.continues`; tests/cascade holds the rule's own table)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cascade import continues, run_cascade, softmax
 from export.manifest import load_manifest, write_manifest
-from service.cascade import CostModel, run_cascade, sigmoid, softmax
 from service.images import ImageDecoder
 from service.model import load_model
 from tests.service.conftest import NUM_EXPERTS
@@ -56,10 +57,10 @@ def reference_cascade(model_dir: Path, images: np.ndarray, threshold: float, max
     ]
     used = np.ones(len(images), dtype=np.int64)
     for row in range(len(images)):
-        while used[row] < max_experts and sigmoid(router_logits[used[row] - 1][row]) >= threshold:
+        while used[row] < max_experts and continues(router_logits[used[row] - 1][row], threshold):
             used[row] += 1
     mean_logits = running[used - 1, np.arange(len(images))]
-    return used, mean_logits
+    return used, mean_logits, np.stack(router_logits, axis=1)
 
 
 @pytest.mark.parametrize(("threshold", "max_experts"), [(0.5, NUM_EXPERTS), (0.3, 2), (0.7, NUM_EXPERTS)])
@@ -67,8 +68,12 @@ def test_matches_row_by_row_reference(
     loaded_model, model_dir: Path, images: np.ndarray, threshold: float, max_experts: int
 ) -> None:
     result = run_cascade(loaded_model, images, thresholds=threshold, max_experts=max_experts)
-    used, mean_logits = reference_cascade(model_dir, images, threshold, max_experts)
+    used, mean_logits, router_logits = reference_cascade(model_dir, images, threshold, max_experts)
     np.testing.assert_array_equal(result.experts_used, used)
+    # Router k ran where the row used k experts and could still go on.
+    reached = np.arange(1, NUM_EXPERTS)[None, :] <= np.minimum(used, max_experts - 1)[:, None]
+    np.testing.assert_array_equal(np.isfinite(result.router_logits), reached)
+    np.testing.assert_allclose(result.router_logits[reached], router_logits[reached], atol=1e-4)
     np.testing.assert_allclose(result.logits, mean_logits, atol=1e-4)
     np.testing.assert_allclose(result.probabilities, softmax(mean_logits), atol=1e-5)
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -92,17 +97,11 @@ def test_max_experts_one_skips_every_router(loaded_model, images: np.ndarray) ->
     result = run_cascade(loaded_model, images, thresholds=0.0, max_experts=1)
     cost = loaded_model.cost
     assert (result.experts_used == 1).all() and (result.routers_evaluated == 0).all()
-    np.testing.assert_allclose(result.relative_compute, (cost.trunk_macs + cost.expert_macs[0]) / cost.full_macs)
+    np.testing.assert_allclose(
+        result.relative_compute, (cost.trunk_macs + cost.expert_macs[0]) / cost.full_ensemble_macs
+    )
     logits, _ = loaded_model.expert(1, loaded_model.trunk(images))
     np.testing.assert_allclose(result.logits, logits, atol=1e-6)
-
-
-def test_relative_compute_counts_experts_and_routers() -> None:
-    cost = CostModel(trunk_macs=100, expert_macs=(10, 20, 30), router_macs=(1, 2))
-    assert cost.full_macs == 163
-    used, routers = np.array([1, 1, 2, 3, 3]), np.array([0, 1, 2, 2, 1])
-    spent = np.array([110, 111, 133, 163, 161])
-    np.testing.assert_allclose(cost.relative_compute(used, routers), spent / 163)
 
 
 def test_per_row_settings_give_the_same_answer_as_alone(loaded_model, images: np.ndarray) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cascade import run_cascade
 from export.manifest import load_manifest
-from service.cascade import run_cascade
 from service.images import ImageDecoder
 from service.model import load_model
 from service.settings import Settings

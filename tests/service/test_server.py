@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from cascade import run_cascade
 from export.manifest import expert_file, load_manifest
-from service.cascade import run_cascade
 from service.images import ImageDecoder
 from tests.server_process import REPO_ROOT, ServerProcess, spawn_server, start_server
 from tests.service.conftest import NUM_EXPERTS, png_header

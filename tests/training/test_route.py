@@ -9,10 +9,12 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cascade import continues, sigmoid
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -27,8 +29,10 @@ from training.config import ConfigError, ModelConfig
 from training.curve import CURVE_CSV, CURVE_PNG, CurvePoint, choose_threshold, read_curve_csv
 from training.data import ImageSet, load_data, normalize
 from training.evaluate import METRICS_FILE, ExpertOutputs, predict
+from training.macs import cascade_cost
 from training.models import RIDEModel, build_model
-from training.models.router import Routers, cascade_from_outputs, continue_mask
+from training.models.router import Routers
+from training.replay import ReplayGraphs
 from training.route import (
     DEFAULT_VAL_PER_CLASS,
     cosine_lr,
@@ -72,10 +76,10 @@ def test_routing_loss_is_weighted_bce_averaged_over_routers() -> None:
     labels = torch.randint(0, 4, (8,))
     loss, targets = routing_loss(routers, logits, features, labels, pos_weight=100.0)
     expected = 0.0
-    for k in range(2):
-        mean = logits[:, : k + 1].sum(dim=1) / (k + 1)
-        x = routers(k, mean, features[:, k])
-        t = targets[:, k]
+    for k in (1, 2):
+        mean = logits[:, :k].sum(dim=1) / k
+        x = routers(k, mean, features[:, k - 1])
+        t = targets[:, k - 1]
         per_sample = -(100.0 * t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
         expected += per_sample.mean() / 2
     torch.testing.assert_close(loss, expected)
@@ -166,15 +170,23 @@ def routed(tiny_routed_checkpoint: Path, one_thread: None) -> tuple[RIDEModel, R
     return model, routers, outputs, normalize(data.test.images, meta.input.mean, meta.input.std)
 
 
+def replay(routed, outputs: ExpertOutputs | None = None, routers: Routers | None = None) -> ReplayGraphs:
+    """The cascade of the routed tiny model (or other ``routers``) replayed on its test outputs (or ``outputs``)."""
+    model, own_routers, own_outputs, _ = routed
+    routers = own_routers if routers is None else routers
+    return ReplayGraphs(own_outputs if outputs is None else outputs, routers, cascade_cost(model, routers, 32))
+
+
 def test_threshold_zero_is_all_experts_and_one_expert_is_expert_one_bit_for_bit(routed) -> None:
-    _, routers, outputs, _ = routed
-    final, used, _ = cascade_from_outputs(outputs.logits, outputs.features, routers, threshold=0.0)
-    assert torch.equal(used, torch.full_like(used, 3))
-    assert torch.equal(final, outputs.mean_logits)
-    assert torch.equal(final.argmax(dim=1), outputs.mean_logits.argmax(dim=1))
-    first, used, router_logits = cascade_from_outputs(outputs.logits, outputs.features, routers, max_experts=1)
-    assert torch.equal(used, torch.ones_like(used)) and torch.isnan(router_logits).all()
-    assert torch.equal(first, outputs.logits[:, 0])
+    outputs = routed[2]
+    everything = replay(routed).replay(threshold=0.0)
+    assert (everything.experts_used == 3).all() and (everything.routers_evaluated == 2).all()
+    np.testing.assert_allclose(everything.logits, outputs.mean_logits.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(everything.logits.argmax(axis=1), outputs.mean_logits.argmax(dim=1).numpy())
+    np.testing.assert_allclose(everything.relative_compute, 1.0)
+    first = replay(routed).replay(threshold=0.0, max_experts=1)
+    assert (first.experts_used == 1).all() and np.isnan(first.router_logits).all()
+    np.testing.assert_array_equal(first.logits, outputs.logits[:, 0].numpy())
 
 
 @torch.no_grad()
@@ -187,7 +199,7 @@ def early_exit(model: RIDEModel, routers: Routers, images: torch.Tensor, thresho
     used = torch.ones(len(images), dtype=torch.long)
     for k in range(1, model.num_experts):
         mean = total / k
-        go = continue_mask(routers(k - 1, mean, feature), threshold)
+        go = torch.from_numpy(continues(routers(k, mean, feature).numpy(), threshold))
         final[rows[~go]] = mean[~go]
         rows, total = rows[go], total[go]
         if len(rows) == 0:
@@ -199,10 +211,9 @@ def early_exit(model: RIDEModel, routers: Routers, images: torch.Tensor, thresho
     return final, used
 
 
-def _threshold_away_from_every_probability(routers: Routers, outputs: ExpertOutputs) -> float:
-    """A threshold where router 0 stops between 20 % and 80 % of the images and no router probability is near."""
-    _, _, logits = cascade_from_outputs(outputs.logits, outputs.features, routers, threshold=0.0)
-    probabilities = torch.sigmoid(logits).double()
+def _threshold_away_from_every_probability(graphs: ReplayGraphs) -> float:
+    """A threshold where router 1 stops between 20 % and 80 % of the images and no router probability is near."""
+    probabilities = torch.from_numpy(sigmoid(graphs.replay(threshold=0.0).router_logits))
     values = probabilities.flatten().sort().values
     best, best_gap = None, 0.0
     for low, high in zip(values[:-1].tolist(), values[1:].tolist(), strict=True):
@@ -217,18 +228,20 @@ def _threshold_away_from_every_probability(routers: Routers, outputs: ExpertOutp
 def test_cascade_gives_each_image_the_same_answer_alone_as_in_a_batch(routed) -> None:
     model, routers, outputs, images = routed
     images, outputs = images[:16], ExpertOutputs(outputs.logits[:16], outputs.features[:16])
-    # The tiny routers' logits are large; centre router 0's on these images so the cascade really splits.
+    # The tiny routers' logits are large; centre router 1's on these images so the cascade really splits.
     routers = copy.deepcopy(routers)
-    _, _, logits = cascade_from_outputs(outputs.logits, outputs.features, routers, threshold=0.0)
+    logits = replay(routed, outputs, routers).replay(threshold=0.0).router_logits
     with torch.no_grad():
-        routers.fc.bias -= logits[:, 0].median()
-    threshold = _threshold_away_from_every_probability(routers, outputs)
-    replay, replay_used, _ = cascade_from_outputs(outputs.logits, outputs.features, routers, threshold=threshold)
+        routers.fc.bias -= torch.from_numpy(logits[:, 0]).median()
+    graphs = replay(routed, outputs, routers)
+    threshold = _threshold_away_from_every_probability(graphs)
+    replayed = graphs.replay(threshold=threshold)
+    replay_used, replay_logits = torch.from_numpy(replayed.experts_used), torch.from_numpy(replayed.logits)
     assert 0 < (replay_used == 1).sum() < len(replay_used), "the threshold should stop some images early"
     batch, batch_used = early_exit(model, routers, images, threshold)
     assert torch.equal(batch_used, replay_used)
-    assert torch.equal(batch.argmax(dim=1), replay.argmax(dim=1))
-    torch.testing.assert_close(batch, replay, rtol=0, atol=1e-4)
+    assert torch.equal(batch.argmax(dim=1), replay_logits.argmax(dim=1))
+    torch.testing.assert_close(batch, replay_logits, rtol=0, atol=1e-4)
     for i in range(len(images)):
         alone, alone_used = early_exit(model, routers, images[i : i + 1], threshold)
         assert alone_used.item() == batch_used[i].item()
@@ -259,9 +272,9 @@ def test_evaluate_reports_routed_metrics_and_the_compute_actually_spent(
     # Images that stopped after k < 3 experts ran k routers; those that ran all 3 ran both routers.
     experts, routers = cost["experts"], cost["routers"]
     spent_by_k = [
-        cost["shared"] + experts[0] + routers[0],
-        cost["shared"] + experts[0] + experts[1] + routers[0] + routers[1],
-        cost["shared"] + sum(experts) + sum(routers),
+        cost["trunk"] + experts[0] + routers[0],
+        cost["trunk"] + experts[0] + experts[1] + routers[0] + routers[1],
+        cost["trunk"] + sum(experts) + sum(routers),
     ]
     mean = sum(n * c for n, c in zip(counts["overall"], spent_by_k, strict=True)) / 100
     assert routed["mean_macs_per_image"] == pytest.approx(mean, rel=1e-12)

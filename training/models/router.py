@@ -1,12 +1,13 @@
 """Expert-assignment routers (RIDE stage 2, ../shared/REFERENCE-RIDE.md section 3).
 
-Router k (0-based, k = 0..E-2) decides whether expert k + 1 runs. It reads
+Experts and routers are numbered from 1, as in the model folder: router k (k = 1..E-1) decides whether expert
+k + 1 runs. It reads
 
-1. the top-z values (sorted, descending) of the running mean logits of experts 0..k, and
+1. the top-z values (sorted, descending) of the running mean logits of experts 1..k, and
 2. ReLU(W1_k · v + b1_k), where v is expert k's pooled feature divided by its L2 norm,
 
-concatenated in that order, through W2 (shared by all routers) to one logit. The decision rule everywhere is:
-continue when ``sigmoid(logit) >= threshold``, stop when it is below.
+concatenated in that order, through W2 (shared by all routers) to one logit. The decision on that logit is the
+cascade's (`cascade.continues`); this module only computes the logits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def l2_normalize(features: Tensor) -> Tensor:
 
 
 class Routers(nn.Module):
-    """The E-1 routers of an E-expert model; ``forward(k, ...)`` evaluates router k (0-based)."""
+    """The E-1 routers of an E-expert model; ``forward(k, ...)`` evaluates router k (1-based)."""
 
     def __init__(self, num_experts: int, num_classes: int, feature_dim: int, top_z: int, hidden: int = 16) -> None:
         super().__init__()
@@ -39,9 +40,11 @@ class Routers(nn.Module):
         self.fc = nn.Linear(top_z + hidden, 1)
 
     def forward(self, k: int, mean_logits: Tensor, feature: Tensor) -> Tensor:
-        """Router k's logit ``[B]`` from the mean logits of experts 0..k and expert k's pooled feature."""
+        """Router k's logit ``[B]`` from the mean logits of experts 1..k and expert k's pooled feature."""
+        if not 1 <= k < self.num_experts:
+            raise ValueError(f"there is no router {k}: routers are numbered 1..{self.num_experts - 1}")
         top = torch.topk(mean_logits, self.top_z, dim=1, sorted=True).values
-        hidden = torch.relu(self.hidden_fcs[k](l2_normalize(feature)))
+        hidden = torch.relu(self.hidden_fcs[k - 1](l2_normalize(feature)))
         return self.fc(torch.cat([top, hidden], dim=1)).squeeze(1)
 
     def single(self, k: int) -> SingleRouter:
@@ -57,44 +60,3 @@ class SingleRouter(nn.Module):
 
     def forward(self, mean_logits: Tensor, feature: Tensor) -> Tensor:
         return self.routers(self.k, mean_logits, feature).unsqueeze(1)
-
-
-def continue_mask(router_logit: Tensor, threshold: float | Tensor) -> Tensor:
-    """True where the next expert should run: ``sigmoid(logit) >= threshold``."""
-    return torch.sigmoid(router_logit) >= threshold
-
-
-@torch.no_grad()
-def cascade_from_outputs(
-    expert_logits: Tensor,
-    expert_features: Tensor,
-    routers: Routers | None,
-    *,
-    threshold: float = 0.5,
-    max_experts: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Replay the early-exit cascade on precomputed per-expert outputs.
-
-    Because every sample's answer depends only on its own expert outputs (batch norm in eval mode), running all
-    experts once and replaying the decisions gives exactly what the service computes by running experts only on
-    the surviving rows. Returns ``(final mean logits [B, C], experts used [B], router logits [B, E-1])`` (router
-    logits are NaN where a router was not reached).
-    """
-    batch, num_experts, _ = expert_logits.shape
-    limit = num_experts if max_experts is None else max(1, min(max_experts, num_experts))
-    device = expert_logits.device
-    running_sum = expert_logits[:, 0].clone()
-    used = torch.ones(batch, dtype=torch.long, device=device)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    router_logits = torch.full((batch, max(num_experts - 1, 0)), float("nan"), device=device)
-    for k in range(1, limit):
-        if routers is not None:
-            mean_so_far = running_sum / used.unsqueeze(1)
-            logit = routers(k - 1, mean_so_far, expert_features[:, k - 1])
-            router_logits[:, k - 1] = torch.where(active, logit, router_logits[:, k - 1])
-            active = active & continue_mask(logit, threshold)
-        if not active.any():
-            break
-        running_sum = running_sum + torch.where(active.unsqueeze(1), expert_logits[:, k], 0.0)
-        used = used + active.long()
-    return running_sum / used.unsqueeze(1), used, router_logits

@@ -1,15 +1,10 @@
-"""The early-exit expert cascade over a batch, in plain numpy around four graph calls.
+"""The cascade over a batch, around four graph calls.
 
 Rows of one batch may carry different thresholds and expert limits. All rows run the trunk and expert 1; after
 expert k, router k sees the running mean of experts 1..k's logits and expert k's feature, and a row continues to
-expert k + 1 iff ``sigmoid(router_logit) >= threshold`` (and it is still under its ``max_experts``). Only the
-rows that continue are fed to the next expert, so the batch shrinks as rows exit. A row's answer is the mean of
-the logits of the experts it used, and does not depend on which other rows share its batch.
-
-Cost accounting: ``relative_compute`` = MACs spent on a row / MACs of the full ensemble, where the full ensemble
-means the trunk plus every expert plus every router (routers are evaluated whenever another expert could still
-follow, so threshold 0 with no expert limit costs exactly 1.0). A row that stops at ``max_experts`` skips the
-router after its last expert.
+expert k + 1 when the decision rule says so (and it is still under its ``max_experts``). Only the rows that
+continue are fed to the next expert, so the batch shrinks as rows exit. A row's answer is the mean of the logits
+of the experts it used, and does not depend on which other rows share its batch.
 """
 
 from __future__ import annotations
@@ -19,41 +14,14 @@ from typing import Protocol
 
 import numpy as np
 
-from export.manifest import Manifest
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """MACs per image of each graph, from the manifest."""
-
-    trunk_macs: int
-    expert_macs: tuple[int, ...]
-    router_macs: tuple[int, ...]
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest) -> CostModel:
-        graphs = manifest.graphs
-        return cls(
-            trunk_macs=graphs.trunk.macs_per_image,
-            expert_macs=tuple(g.macs_per_image for g in graphs.experts),
-            router_macs=tuple(g.macs_per_image for g in graphs.routers),
-        )
-
-    @property
-    def full_macs(self) -> int:
-        """MACs of the full ensemble: trunk, every expert and every router."""
-        return self.trunk_macs + sum(self.expert_macs) + sum(self.router_macs)
-
-    def relative_compute(self, experts_used: np.ndarray, routers_evaluated: np.ndarray) -> np.ndarray:
-        """Per row: MACs spent (trunk + experts 1..used + routers 1..evaluated) / ``full_macs``."""
-        expert_prefix = np.concatenate([[0], np.cumsum(self.expert_macs, dtype=np.float64)])
-        router_prefix = np.concatenate([[0], np.cumsum(self.router_macs, dtype=np.float64)])
-        spent = self.trunk_macs + expert_prefix[experts_used] + router_prefix[routers_evaluated]
-        return spent / self.full_macs if self.full_macs > 0 else np.ones_like(spent)
+from cascade.cost import CostModel
+from cascade.decision import check_max_experts, continues
 
 
 class CascadeGraphs(Protocol):
-    """The four graph calls the cascade needs (implemented by `service.model.OnnxModel`)."""
+    """The graph calls the cascade needs. Experts and routers are numbered from 1, as in the model folder:
+    router k decides whether expert k + 1 runs. Implemented by the service's `OnnxModel`, the exporter's
+    `OrtModel` and training's `ReplayGraphs`."""
 
     @property
     def num_experts(self) -> int: ...
@@ -64,9 +32,13 @@ class CascadeGraphs(Protocol):
     @property
     def cost(self) -> CostModel: ...
 
-    def trunk(self, images: np.ndarray) -> np.ndarray: ...
+    def trunk(self, images: np.ndarray) -> np.ndarray:
+        """The shared feature map of every row."""
+        ...
 
-    def expert(self, k: int, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def expert(self, k: int, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expert k's logits ``[n, C]`` and pooled feature ``[n, d]``."""
+        ...
 
     def router(self, k: int, mean_logits: np.ndarray, feature: np.ndarray) -> np.ndarray:
         """Router k's logit per row, shape [n] or [n, 1]."""
@@ -81,12 +53,8 @@ class CascadeResult:
     probabilities: np.ndarray  # [N, C] float32: softmax of `logits`
     experts_used: np.ndarray  # [N] int64, 1..E
     routers_evaluated: np.ndarray  # [N] int64, 0..E-1
+    router_logits: np.ndarray  # [N, E-1] float32: router k's logit in column k - 1, NaN where it did not run
     relative_compute: np.ndarray  # [N] float64, in (0, 1]
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function in float64, written with tanh so that large |x| cannot overflow."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -107,27 +75,28 @@ def run_cascade(
     thresholds: float | np.ndarray,
     max_experts: int | np.ndarray,
 ) -> CascadeResult:
-    """Run the routed cascade on a batch of preprocessed images ``[N, 3, H, W]``.
+    """Run the routed cascade on a batch of inputs (for the graphs of a model folder: preprocessed images
+    ``[N, 3, H, W]``, normalised as the manifest says).
 
     Args:
-        graphs: the trunk, expert and router graphs (an `OnnxModel`).
-        images: float32 batch, already normalised as the manifest says.
+        graphs: the trunk, expert and router graphs.
+        images: the batch, N rows.
         thresholds: router threshold in [0, 1], one for all rows or one per row.
         max_experts: expert limit in [1, E], one for all rows or one per row.
 
     Returns:
-        Per-row mean logits, probabilities, experts used, routers evaluated and relative compute.
+        Per-row mean logits, probabilities, experts used, routers evaluated, router logits and relative compute.
     """
     n, num_experts = images.shape[0], graphs.num_experts
     thresholds = _per_row(thresholds, n, np.float64)
     limits = _per_row(max_experts, n, np.int64)
-    if n and (limits.min() < 1 or limits.max() > num_experts):
-        raise ValueError(f"max_experts must be in 1..{num_experts}")
+    check_max_experts(limits, num_experts)
 
     shared = graphs.trunk(images)
     logits_sum: np.ndarray | None = None
     experts_used = np.zeros(n, dtype=np.int64)
     routers_evaluated = np.zeros(n, dtype=np.int64)
+    router_logits = np.full((n, num_experts - 1), np.nan, dtype=np.float32)
     active = np.arange(n)
     for k in range(1, num_experts + 1):
         if active.size == 0:
@@ -146,9 +115,10 @@ def run_cascade(
         if asked.size == 0:
             break
         mean_logits = (logits_sum[asked] / k).astype(np.float32)
-        router_logit = graphs.router(k, mean_logits, feature[may_continue]).reshape(-1)
+        logit = graphs.router(k, mean_logits, feature[may_continue]).reshape(-1)
         routers_evaluated[asked] += 1
-        active = asked[sigmoid(router_logit) >= thresholds[asked]]
+        router_logits[asked, k - 1] = logit
+        active = asked[continues(logit, thresholds[asked])]
 
     if logits_sum is None:  # empty batch
         logits_sum = np.zeros((0, 0), dtype=np.float64)
@@ -158,5 +128,6 @@ def run_cascade(
         probabilities=softmax(mean_logits) if n else mean_logits,
         experts_used=experts_used,
         routers_evaluated=routers_evaluated,
+        router_logits=router_logits,
         relative_compute=graphs.cost.relative_compute(experts_used, routers_evaluated),
     )
