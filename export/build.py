@@ -65,6 +65,7 @@ from export.verify import (
     VerificationError,
     verify_parity,
 )
+from training.metrics import CheckpointMetrics
 
 Log = Callable[[str], None]
 FOLDER_MODE = 0o755
@@ -227,17 +228,17 @@ def build_manifest(
     )
 
 
-def eval_metrics(metrics: dict | None, dataset: str) -> EvalMetrics:
+def eval_metrics(metrics: CheckpointMetrics | None, dataset: str) -> EvalMetrics:
     """The headline numbers of the checkpoint's own evaluation (all None when it was never evaluated)."""
-    if not metrics or "all_experts" not in metrics:
+    if metrics is None:
         return EvalMetrics()
-    routed = metrics.get("routed") or {}
+    routed = metrics.routed
     return EvalMetrics(
         dataset=dataset,
-        all_experts_accuracy=metrics["all_experts"].get("top1"),
-        routed_accuracy=routed.get("top1"),
-        mean_experts_used=routed.get("mean_experts_used"),
-        relative_compute=routed.get("relative_compute"),
+        all_experts_accuracy=metrics.all_experts.top1,
+        routed_accuracy=routed.top1 if routed is not None else None,
+        mean_experts_used=routed.mean_experts_used if routed is not None else None,
+        relative_compute=routed.relative_compute if routed is not None else None,
     )
 
 

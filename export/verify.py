@@ -28,16 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cascade import CascadeResult, run_cascade
 from export.graphs import ExportError, SourceModel, check_graph, load_source, read_graph_io
 from export.manifest import Manifest, ManifestError, load_manifest
 from export.ort_model import GraphRuntimeError, OrtModel
-from training.checkpoint import CheckpointMeta
+from training.checkpoint import CheckpointMeta, check_same_classes
 from training.data import DataError, load_data, normalize
 from training.data.cifar import find_cifar_dir
-from training.data.folder import decode_images
+from training.data.folder import decode_images, image_extensions
 from training.models import ExpertOutputs
 from training.replay import ReplayGraphs
 
@@ -137,16 +136,12 @@ def _evenly_spaced(total: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(np.int64))
 
 
-def _image_files(folder: Path, class_names: list[str]) -> list[str]:
-    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+def _image_files(folder: Path, meta: CheckpointMeta) -> list[str]:
+    extensions = image_extensions()
     found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if found != class_names:
-        raise DataError(
-            f"{folder} holds the classes {found[:5]}..., the checkpoint has {class_names[:5]}...: point --data-dir "
-            "at the dataset the model was trained on"
-        )
+    check_same_classes(meta, found, str(folder))
     files = []
-    for name in class_names:
+    for name in meta.class_names:
         files += sorted(
             f"{name}/{p.name}" for p in (folder / name).iterdir() if p.is_file() and p.suffix.lower() in extensions
         )
@@ -170,12 +165,11 @@ def load_verification_images(meta: CheckpointMeta, data_dir: Path | None, count:
         raise DataError(f"dataset folder not found: {root}")
     if data_cfg.dataset != "folder" and find_cifar_dir(root, data_cfg.dataset) is not None:
         data = load_data(data_cfg, root, progress=False)
-        if data.class_names != meta.class_names:
-            raise DataError(f"the classes in {root} differ from the checkpoint's")
+        check_same_classes(meta, data.class_names, str(root))
         images = data.test.images.numpy()
         return images[_evenly_spaced(len(images), count)]
     folder = root / "test" if (root / "test").is_dir() else root
-    files = _image_files(folder, meta.class_names)
+    files = _image_files(folder, meta)
     picked = [files[i] for i in _evenly_spaced(len(files), count)]
     cache = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else None
     return decode_images(folder, picked, meta.input.image_size, split="verify", cache_dir=cache)

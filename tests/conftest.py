@@ -199,7 +199,7 @@ def early_exit_checkpoint(
         centre_routers(source.routers, outputs, target=0.0)
     meta, weights = load_checkpoint(tiny_routed_checkpoint)
     weights.update(router_state(source.routers))
-    metrics = {k: v for k, v in (meta.metrics or {}).items() if k != "routed"} or None
+    metrics = meta.metrics.model_copy(update={"routed": None})
     folder = base / "checkpoint"
     save_checkpoint(folder, weights, meta.model_copy(update={"metrics": metrics}))
     return folder

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from training.atomic import atomic_write, atomic_write_json
 from training.config import ModelConfig, RouterConfig, TrainConfig
+from training.data.errors import DataError
+from training.metrics import CheckpointMetrics
 from training.models import RIDEModel, build_model
 from training.models.router import Routers
 
@@ -75,7 +78,7 @@ class CheckpointMeta(BaseModel):
     complete: bool = Field(description="False while training is still running (a resumable intermediate state).")
     routers: RouterInfo | None = None
     router_config: RouterConfig | None = None
-    metrics: dict[str, Any] | None = None
+    metrics: CheckpointMetrics | None = None
     parent: str | None = Field(None, description="sha256 of the weights this checkpoint was trained from.")
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
@@ -169,12 +172,30 @@ def model_from_checkpoint(folder: Path) -> tuple[RIDEModel, CheckpointMeta, dict
     """The stage-1 model (eval mode, CPU) with its weights loaded, the sidecar, and the weights it did not use
     (the routers, if any)."""
     meta, weights = load_checkpoint(folder)
+    model, rest = model_from_weights(meta, weights, f"checkpoint {folder}")
+    return model, meta, rest
+
+
+def model_from_weights(
+    meta: CheckpointMeta, weights: dict[str, torch.Tensor], what: str
+) -> tuple[RIDEModel, dict[str, torch.Tensor]]:
+    """The stage-1 model that ``meta`` describes (eval mode, CPU) with its part of ``weights``, and the rest."""
     model = build_model(meta.model, meta.num_classes)
     own = {k: v for k, v in weights.items() if k in model.state_dict()}
     rest = {k: v for k, v in weights.items() if k not in own}
-    load_into(model, own, f"checkpoint {folder}")
+    load_into(model, own, what)
     model.eval()
-    return model, meta, rest
+    return model, rest
+
+
+def check_same_classes(meta: CheckpointMeta, class_names: Sequence[str], source: str) -> None:
+    """DataError unless ``class_names``, found in ``source``, are the checkpoint's classes in the same order."""
+    if list(class_names) != meta.class_names:
+        raise DataError(
+            f"{source} has the classes {list(class_names)[:5]}... ({len(class_names)}), but checkpoint {meta.name!r} "
+            f"was trained on {meta.class_names[:5]}... ({meta.num_classes}): it needs the same classes in the same "
+            "order; point --data-dir at the dataset it was trained on"
+        )
 
 
 def routers_from_checkpoint(

@@ -28,7 +28,6 @@ import torch
 
 from cascade import sigmoid
 from training.atomic import atomic_write
-from training.config import ConfigError
 from training.evaluate import accuracy_metrics
 from training.replay import ReplayGraphs
 
@@ -93,10 +92,10 @@ def _point(
         max_experts=max_experts,
         threshold=threshold,
         source=source,
-        top1=accuracy["top1"],
-        many=accuracy["groups"]["many"],
-        medium=accuracy["groups"]["medium"],
-        few=accuracy["groups"]["few"],
+        top1=accuracy.top1,
+        many=accuracy.groups.many,
+        medium=accuracy.groups.medium,
+        few=accuracy.groups.few,
         mean_experts_used=float(result.experts_used.mean()),
         mean_macs=float(spent.mean()),
         relative_compute=float(spent.mean()) / graphs.cost.full_ensemble_macs,
@@ -122,26 +121,6 @@ def accuracy_compute_curve(
     for limit in range(2, graphs.num_experts + 1):
         points += [_point(split, limit, value, source, *args) for value, source in thresholds]
     return points
-
-
-def choose_threshold(points: Sequence[CurvePoint], target_compute: float, num_experts: int) -> CurvePoint:
-    """The full cascade's (limit E) validation point with the best accuracy whose relative compute is at most
-    ``target_compute``; ties go to the cheaper point, then to the larger threshold."""
-    if not 0.0 < target_compute <= 1.0:
-        raise ConfigError(
-            f"--target-compute must be in (0, 1] (a fraction of the all-experts cost), got {target_compute}"
-        )
-    candidates = [p for p in points if p.split == "val" and p.max_experts == num_experts and p.threshold is not None]
-    if not candidates:
-        raise ConfigError("no validation points to choose a threshold from (is data.val_per_class 0?)")
-    feasible = [p for p in candidates if p.relative_compute <= target_compute]
-    if not feasible:
-        cheapest = min(p.relative_compute for p in candidates)
-        raise ConfigError(
-            f"no threshold meets --target-compute {target_compute}: the cheapest routed setting on the validation "
-            f"split costs {cheapest:.3f} of the all-experts compute (every image runs the shared part and expert 1)"
-        )
-    return max(feasible, key=lambda p: (p.top1, -p.relative_compute, p.threshold))
 
 
 def write_curve_csv(path: Path, points: Sequence[CurvePoint]) -> None:

@@ -32,14 +32,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from training.checkpoint import CheckpointMeta, model_from_checkpoint, weights_sha256
+from training.checkpoint import CheckpointMeta, check_same_classes, model_from_checkpoint, weights_sha256
 from training.config import ConfigError, TrainConfig
 from training.losses import distillation_loss
+from training.metrics import DistillationRecord
 from training.models import RIDEModel
 
 
@@ -55,13 +55,8 @@ class Teacher:
     factor: float
 
     def check_classes(self, class_names: list[str]) -> None:
-        """Raise ConfigError unless the student's classes are the teacher's, in the same order."""
-        if class_names != self.meta.class_names:
-            raise ConfigError(
-                f"the teacher {self.folder} was trained on classes {self.meta.class_names[:5]}... "
-                f"({self.meta.num_classes}) but the student's data has {class_names[:5]}... ({len(class_names)}): "
-                "distillation needs the same classes in the same order"
-            )
+        """Raise DataError unless the student's classes are the teacher's, in the same order."""
+        check_same_classes(self.meta, class_names, f"the student's data (teacher {self.folder})")
 
     @torch.no_grad()
     def mean_logits(self, images: Tensor) -> Tensor:
@@ -72,15 +67,16 @@ class Teacher:
         """``factor · τ² · KL(teacher mean ‖ student mean)`` for student expert logits ``[B, E, C]``."""
         return self.factor * distillation_loss(student_logits.float().mean(dim=1), teacher_mean, self.temperature)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "teacher": str(self.folder),
-            "teacher_sha256": self.sha256,
-            "teacher_experts": self.meta.model.num_experts,
-            "temperature": self.temperature,
-            "factor": self.factor,
-            "reading": "KD on mean logits (reference), no x E factor, teacher in eval mode",
-        }
+    def describe(self) -> DistillationRecord:
+        """What the student's metrics record about its teacher."""
+        return DistillationRecord(
+            teacher=str(self.folder),
+            teacher_sha256=self.sha256,
+            teacher_experts=self.meta.model.num_experts,
+            temperature=self.temperature,
+            factor=self.factor,
+            reading="KD on mean logits (reference), no x E factor, teacher in eval mode",
+        )
 
 
 def load_teacher(folder: Path, cfg: TrainConfig, device: torch.device | None = None) -> Teacher:

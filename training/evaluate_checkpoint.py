@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import model_from_checkpoint, routers_from_checkpoint, save_meta
-from training.data import DataError, load_data
-from training.evaluate import evaluate_model, print_summary, write_report
+from training.checkpoint import check_same_classes, model_from_checkpoint, routers_from_checkpoint, save_meta
+from training.data import load_data
+from training.evaluate import evaluate_model
+from training.report import print_summary, write_report
 from training.runtime import resolve_device
 
 # Training-time records that re-evaluating cannot recompute (the test metrics themselves are recomputed).
@@ -18,23 +19,18 @@ def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_ch
     """Evaluate, print a summary, write ``metrics.json`` and the plot, and store the metrics in the sidecar.
 
     A checkpoint with routers is also evaluated as the early-exit cascade at its stored threshold
-    (``metrics["routed"]``), next to the all-experts metrics of the same weights.
+    (``metrics.routed``), next to the all-experts metrics of the same weights.
     """
     device = resolve_device(device_choice)
     model, meta, rest = model_from_checkpoint(folder)
     routers = routers_from_checkpoint(meta, rest, model.feature_dim)
     model.to(device)
     data = load_data(meta.config.data, data_dir)
-    if data.class_names != meta.class_names:
-        raise DataError(
-            f"the data's classes {data.class_names[:5]}... differ from the checkpoint's {meta.class_names[:5]}...: "
-            "point --data-dir at the dataset the model was trained on"
-        )
+    check_same_classes(meta, data.class_names, "the data")
     threshold = meta.routers.threshold if meta.routers is not None else 0.5
     metrics = evaluate_model(model, data, meta, device=device, routers=routers, threshold=threshold)
-    for key in KEPT_METRICS:
-        if meta.metrics and key in meta.metrics:
-            metrics[key] = meta.metrics[key]
+    if meta.metrics is not None:
+        metrics = metrics.model_copy(update={key: getattr(meta.metrics, key) for key in KEPT_METRICS})
     write_report(folder, metrics, meta)
     save_meta(folder, meta.model_copy(update={"metrics": metrics}))
     print_summary(metrics, title=f"{meta.name} (epoch {meta.epoch}) on the test split")

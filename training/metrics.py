@@ -17,6 +17,15 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _OmitsAbsent(_Record):
+    """A record whose optional parts are left out of its JSON when absent, rather than written as null (a stage-1
+    run has no "routed" section and no router MACs)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class GroupNumbers(_Record):
     """One number per many / medium / few-shot group (None for an empty group)."""
 
@@ -40,7 +49,7 @@ class AllExpertsMetrics(AccuracyMetrics):
     per_expert_top1: list[float]
 
 
-class MacsPerImage(_Record):
+class MacsPerImage(_OmitsAbsent):
     trunk: int = Field(validation_alias=AliasChoices("trunk", "shared"))
     experts: list[int]
     total: int = Field(description="Trunk and every expert, no router.")
@@ -106,7 +115,7 @@ class ThresholdSelection(_Record):
     curve_png: str
 
 
-class CheckpointMetrics(_Record):
+class CheckpointMetrics(_OmitsAbsent):
     """The test-split evaluation, plus the records of the stages that produced the checkpoint."""
 
     split: str
@@ -119,8 +128,3 @@ class CheckpointMetrics(_Record):
     router_training: RouterTrainingRecord | None = None
     validation: ValidationRecord | None = None
     threshold_selection: ThresholdSelection | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A stage-1 run has no "routed" section: leave it out of the file rather than writing null.
-        return {key: value for key, value in handler(self).items() if value is not None}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from training.checkpoint import CheckpointError
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import ConfigError, load_config
 from training.data import DataError
 
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -35,16 +35,15 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides runtime.device")
 
 
-def _with_runtime(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    if args.device is None:
-        return cfg
-    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"device": args.device})})
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--device`` as one more (so it wins over a ``--set runtime.device``)."""
+    return [*args.overrides, f"runtime.device={args.device}"] if args.device is not None else list(args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.train import train
 
-    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    cfg = load_config(args.config, _overrides(args))
     out = args.out or Path("runs") / cfg.name
     train(cfg, out=out, data_dir=args.data_dir, resume=args.resume)
 
@@ -56,13 +55,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-    from training.checkpoint import load_meta
-    from training.route import resolve_route_config, route_checkpoint
+    from training.route import route_checkpoint
 
-    cfg = _with_runtime(resolve_route_config(load_meta(args.checkpoint), args.config, args.overrides), args)
     route_checkpoint(
         args.checkpoint,
-        cfg=cfg,
+        config_path=args.config,
+        overrides=_overrides(args),
         out=args.out,
         data_dir=args.data_dir,
         target_compute=args.target_compute,
@@ -74,7 +72,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from training.distill import load_teacher
     from training.train import train
 
-    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    cfg = load_config(args.config, _overrides(args))
     out = args.out or Path("runs") / cfg.name
     train(cfg, out=out, data_dir=args.data_dir, resume=args.resume, teacher=load_teacher(args.teacher, cfg))
 
@@ -82,7 +80,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_recipe(args: argparse.Namespace) -> None:
     from training.recipe import run_recipe
 
-    cfg = _with_runtime(load_config(args.config, args.overrides), args)
+    cfg = load_config(args.config, _overrides(args))
     run_recipe(
         cfg,
         out=args.out,

@@ -29,9 +29,11 @@ from training.checkpoint import (
 from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
 from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
 from training.distill import Teacher
-from training.evaluate import evaluate_model, print_summary, write_report
+from training.evaluate import evaluate_model
 from training.losses import ExpertLoss, build_loss
+from training.metrics import TrainingRecord
 from training.models import RIDEModel, build_model
+from training.report import print_summary, write_report
 from training.run_folder import append_log, epoch_seed, last_log_record, prepare_output
 from training.runtime import (
     Runtime,
@@ -273,9 +275,12 @@ def _train(
         return out
     meta = _build_meta(cfg, data, schedule.epochs, complete=True, teacher=teacher)
     metrics = evaluate_model(model, data, meta, device=runtime.device, batch_size=cfg.runtime.eval_batch_size)
-    metrics["training"] = {"epochs": schedule.epochs, "last_epoch_log": last_log_record(out)}
-    if teacher is not None:
-        metrics["distillation"] = teacher.describe()
+    metrics = metrics.model_copy(
+        update={
+            "training": TrainingRecord(epochs=schedule.epochs, last_epoch_log=last_log_record(out)),
+            "distillation": teacher.describe() if teacher is not None else None,
+        }
+    )
     save_train_state(out, optimizer, _parameter_names(model), schedule.epochs)
     meta = meta.model_copy(update={"metrics": metrics})
     save_checkpoint(out, model.state_dict(), meta)

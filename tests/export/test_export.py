@@ -119,9 +119,9 @@ def test_manifest_describes_the_checkpoint(manifest: Manifest, tiny_routed_check
     assert cascade.default_threshold == meta.routers.threshold and not cascade.all_experts_without_routers
     cost = cascade_cost(source.model, source.routers, 32)
     assert manifest.cost_model() == cost
-    assert manifest.metrics.all_experts_accuracy == meta.metrics["all_experts"]["top1"]
-    assert manifest.metrics.routed_accuracy == meta.metrics["routed"]["top1"]
-    assert manifest.metrics.mean_experts_used == meta.metrics["routed"]["mean_experts_used"]
+    assert manifest.metrics.all_experts_accuracy == meta.metrics.all_experts.top1
+    assert manifest.metrics.routed_accuracy == meta.metrics.routed.top1
+    assert manifest.metrics.mean_experts_used == meta.metrics.routed.mean_experts_used
     assert manifest.exported_with.opset == 18 and manifest.exported_with.torch == torch.__version__
     trunk_out = manifest.graphs.trunk.outputs[0]
     assert (trunk_out.name, trunk_out.shape, trunk_out.dtype) == ("shared", ["N", 16, 32, 32], "float32")

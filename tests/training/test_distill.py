@@ -12,7 +12,7 @@ import torch
 
 from training.checkpoint import CheckpointError, load_meta, save_meta, weights_sha256
 from training.config import ConfigError, TrainConfig, config_from_dict
-from training.data import BatchAugment, ImageSet, iterate_batches, load_data
+from training.data import BatchAugment, DataError, ImageSet, iterate_batches, load_data
 from training.distill import load_teacher
 from training.losses import ExpertLoss, build_loss
 from training.models import build_model
@@ -115,8 +115,8 @@ def test_distill_cli_writes_a_student_that_records_its_teacher(
     meta = load_meta(out)
     assert meta.stage == "distilled" and meta.complete and meta.model.num_experts == 2
     assert meta.parent == weights_sha256(tiny_checkpoint)
-    assert meta.metrics["distillation"]["temperature"] == 1.5
-    assert meta.metrics["distillation"]["teacher_experts"] == 3
+    assert meta.metrics.distillation.temperature == 1.5
+    assert meta.metrics.distillation.teacher_experts == 3
 
 
 def test_teacher_with_other_classes_is_a_clear_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_teacher_with_other_classes_is_a_clear_error(tiny_checkpoint: Path, tmp_
     meta = load_meta(teacher)
     save_meta(teacher, meta.model_copy(update={"class_names": [f"other{i}" for i in range(meta.num_classes)]}))
     cfg = _student_config(tiny_checkpoint)
-    with pytest.raises(ConfigError, match="same classes in the same order"):
+    with pytest.raises(DataError, match="same classes in the same order"):
         train(cfg, out=tmp_path / "student", teacher=load_teacher(teacher, cfg))
 
 

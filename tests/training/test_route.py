@@ -26,23 +26,19 @@ from training.checkpoint import (
     weights_sha256,
 )
 from training.config import ConfigError, ModelConfig
-from training.curve import CURVE_CSV, CURVE_PNG, CurvePoint, choose_threshold, read_curve_csv
+from training.curve import CURVE_CSV, CURVE_PNG, CurvePoint, read_curve_csv
 from training.data import ImageSet, load_data, normalize
-from training.evaluate import METRICS_FILE, ExpertOutputs, predict
+from training.evaluate import ExpertOutputs, predict
 from training.macs import cascade_cost
 from training.models import RIDEModel, build_model
 from training.models.router import Routers
 from training.replay import ReplayGraphs
-from training.route import (
-    DEFAULT_VAL_PER_CLASS,
-    cosine_lr,
-    resolve_route_config,
-    route_checkpoint,
-    router_targets,
-    routing_loss,
-    train_routers,
-)
+from training.report import METRICS_FILE
+from training.route import route_checkpoint
+from training.route_plan import DEFAULT_VAL_PER_CLASS, resolve_route_config
+from training.route_train import cosine_lr, router_targets, routing_loss, train_routers
 from training.run import main
+from training.threshold import choose_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -263,8 +259,8 @@ def test_evaluate_reports_routed_metrics_and_the_compute_actually_spent(
     written_by_route = load_meta(tiny_routed_checkpoint).metrics
     routed, cost = metrics["routed"], metrics["cost"]["macs_per_image"]
     assert routed["threshold"] == load_meta(folder).routers.threshold
-    assert routed["top1"] == written_by_route["routed"]["top1"]
-    assert metrics["all_experts"]["top1"] == written_by_route["all_experts"]["top1"]
+    assert routed["top1"] == written_by_route.routed.top1
+    assert metrics["all_experts"]["top1"] == written_by_route.all_experts.top1
     counts = routed["experts_used_counts"]
     assert sum(counts["overall"]) == metrics["num_images"] == 100
     assert [sum(c) for c in zip(counts["many"], counts["medium"], counts["few"], strict=True)] == counts["overall"]
@@ -298,7 +294,7 @@ def test_curve_files_and_the_threshold_chosen_on_validation(tiny_routed_checkpoi
     assert all(p.relative_compute <= 1.0 + 1e-12 for p in points)
     metrics = load_meta(tiny_routed_checkpoint).metrics
     test_all = next(p for p in points if p.split == "test" and p.max_experts == 3 and p.threshold == 0.0)
-    assert test_all.top1 == pytest.approx(metrics["all_experts"]["top1"])
+    assert test_all.top1 == pytest.approx(metrics.all_experts.top1)
 
 
 def test_route_cli_picks_the_target_compute_threshold_on_validation(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -310,8 +306,8 @@ def test_route_cli_picks_the_target_compute_threshold_on_validation(tiny_checkpo
     assert meta.routers.threshold == choose_threshold(val, 1.0, 3).threshold
     assert meta.routers.threshold_source == "target-compute 1.0 on validation split (3 per class)"
     assert meta.router_config.pos_weight == 20
-    assert meta.metrics["routed"]["threshold"] == meta.routers.threshold
-    assert meta.metrics["validation"]["held_out_from_stage1"] is True
+    assert meta.metrics.routed.threshold == meta.routers.threshold
+    assert meta.metrics.validation.held_out_from_stage1 is True
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1] and log[0]["lr"] == 0.01
 

@@ -15,7 +15,7 @@ import torch
 from training import train as train_module
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
 from training.config import ConfigError, load_config
-from training.evaluate import METRICS_FILE, PER_CLASS_PLOT
+from training.report import METRICS_FILE, PER_CLASS_PLOT
 from training.run_folder import LOG_FILE
 from training.train import train
 

@@ -37,7 +37,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "ride-serve"
 
 
-def _image_extensions() -> set[str]:
+def image_extensions() -> set[str]:
+    """The file extensions of every format Pillow can open."""
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
@@ -82,7 +83,7 @@ def scan_image_folder(root: Path) -> FolderIndex:
             f"{root / 'test'} must hold the same class folders as train/: missing {missing or 'none'}, "
             f"not in train/ {extra or 'none'}"
         )
-    extensions = _image_extensions()
+    extensions = image_extensions()
     train_files, train_labels = _list_split(root, "train", classes, extensions)
     test_files, test_labels = _list_split(root, "test", classes, extensions)
     return FolderIndex(root, classes, train_files, train_labels, test_files, test_labels)
