@@ -1,6 +1,7 @@
 """Stage 1: train the shared trunk and the experts (RIDE), or a one-expert baseline.
 
-The loop is one readable function (:func:`train`); one epoch is :func:`train_one_epoch`. Everything random
+:func:`train` sets a run up (:func:`_setup`), runs its epochs (:func:`_run_epochs`, one epoch is
+:func:`train_one_epoch`) and evaluates and saves the last one (:func:`_finish`). Everything random
 during training is derived from ``(seed, epoch)``, so ``--resume`` from an epoch boundary reproduces an
 uninterrupted run. With a ``teacher`` (:mod:`training.distill`) the same loop trains a distilled student: the
 teacher's knowledge-distillation term is added to the loss of every batch.
@@ -31,7 +32,7 @@ from training.data import BatchAugment, ImageSet, LongTailData, class_groups, it
 from training.distill import Teacher
 from training.evaluate import evaluate_model
 from training.losses import ExpertLoss, build_loss
-from training.metrics import TrainingRecord
+from training.metrics import CheckpointMetrics, TrainingRecord
 from training.models import RIDEModel, build_model
 from training.report import print_summary, write_report
 from training.run_folder import append_log, epoch_seed, last_log_record, prepare_output
@@ -43,7 +44,7 @@ from training.runtime import (
     start_runtime,
     stop_runtime,
 )
-from training.schedule import drw_epoch, lr_factor, resolve_schedule
+from training.schedule import ResolvedSchedule, drw_epoch, lr_factor, resolve_schedule
 
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one reads the statistics back to the host)
 
@@ -188,9 +189,39 @@ def train(
         stop_runtime(runtime)
 
 
+@dataclass
+class TrainingRun:
+    """Everything the epochs work on, built once by :func:`_setup`."""
+
+    cfg: TrainConfig
+    out: Path
+    runtime: Runtime
+    schedule: ResolvedSchedule
+    data: LongTailData
+    model: RIDEModel
+    net: nn.Module  # what the training forward runs: the model, wrapped for DDP and compiled when asked
+    loss_fn: ExpertLoss
+    optimizer: torch.optim.Optimizer
+    train_set: ImageSet  # on the run's device
+    augment: BatchAugment
+    start_epoch: int
+    teacher: Teacher | None
+
+
 def _train(
     cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime, teacher: Teacher | None
 ) -> Path:
+    run = _setup(cfg, out=out, data_dir=data_dir, resume=resume, runtime=runtime, teacher=teacher)
+    _run_epochs(run)
+    if runtime.is_main:
+        _finish(run)
+    return out
+
+
+def _setup(
+    cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime, teacher: Teacher | None
+) -> TrainingRun:
+    """Output folder, data, model, loss and optimizer (restored from ``out`` when resuming), all on the device."""
     if runtime.is_main:
         prepare_output(out, resume)
     schedule = resolve_schedule(cfg.schedule)
@@ -212,22 +243,12 @@ def _train(
         weight_decay=cfg.optim.weight_decay,
         fused=cfg.runtime.fused_optimizer or None,
     )
-    start_epoch = 1
-    if resume:
-        meta, weights = load_checkpoint(out)
-        _check_resumable(cfg, meta, data)
-        if meta.parent != (None if teacher is None else teacher.sha256):
-            raise ConfigError("cannot resume: the interrupted run was trained with another teacher (or none)")
-        load_into(model, weights, f"checkpoint {out}")
-        start_epoch = load_train_state(out, optimizer, _parameter_names(model)) + 1
-        _match_parameter_layout(optimizer)
+    start_epoch = _restore(cfg, out, data, model, optimizer, teacher) if resume else 1
     loss_fn.to(runtime.device)
-    train_set = ImageSet(data.train.images.to(runtime.device), data.train.labels.to(runtime.device))
     net: nn.Module = DistributedDataParallel(model) if runtime.distributed else model
     if cfg.runtime.compile:
         # Evaluation and checkpoints use `model` itself; only the training forward goes through the compiled one.
         net = torch.compile(net)
-    augment = BatchAugment.from_config(cfg.data)
     if runtime.is_main:
         print(
             f"training {cfg.name}: {cfg.model.arch} x{cfg.model.num_experts} on {len(data.train)} images "
@@ -235,23 +256,64 @@ def _train(
             + (f", {runtime.world_size} processes" if runtime.distributed else "")
             + f", {describe_execution(cfg.runtime, runtime.device)}"
         )
-    epochs_bar = tqdm(range(start_epoch, schedule.epochs + 1), desc="train", unit="epoch", disable=not runtime.is_main)
+    return TrainingRun(
+        cfg=cfg,
+        out=out,
+        runtime=runtime,
+        schedule=schedule,
+        data=data,
+        model=model,
+        net=net,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        train_set=ImageSet(data.train.images.to(runtime.device), data.train.labels.to(runtime.device)),
+        augment=BatchAugment.from_config(cfg.data),
+        start_epoch=start_epoch,
+        teacher=teacher,
+    )
+
+
+def _restore(
+    cfg: TrainConfig,
+    out: Path,
+    data: LongTailData,
+    model: RIDEModel,
+    optimizer: torch.optim.Optimizer,
+    teacher: Teacher | None,
+) -> int:
+    """Load the interrupted run's weights and momentum into ``model`` and ``optimizer``; return the next epoch."""
+    meta, weights = load_checkpoint(out)
+    _check_resumable(cfg, meta, data)
+    if meta.parent != (None if teacher is None else teacher.sha256):
+        raise ConfigError("cannot resume: the interrupted run was trained with another teacher (or none)")
+    load_into(model, weights, f"checkpoint {out}")
+    start_epoch = load_train_state(out, optimizer, _parameter_names(model)) + 1
+    _match_parameter_layout(optimizer)
+    return start_epoch
+
+
+def _run_epochs(run: TrainingRun) -> None:
+    """The epochs from ``run.start_epoch`` on; the main process logs each and saves a resumable state every
+    ``runtime.checkpoint_every`` epochs."""
+    cfg, runtime, schedule = run.cfg, run.runtime, run.schedule
+    epochs = range(run.start_epoch, schedule.epochs + 1)
+    epochs_bar = tqdm(epochs, desc="train", unit="epoch", disable=not runtime.is_main)
     for epoch in epochs_bar:
         lr = cfg.optim.lr * lr_factor(epoch, schedule)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss_fn.set_epoch(epoch)
+        run.loss_fn.set_epoch(epoch)
         stats = train_one_epoch(
-            net,
-            loss_fn,
-            optimizer,
-            train_set,
-            augment,
+            run.net,
+            run.loss_fn,
+            run.optimizer,
+            run.train_set,
+            run.augment,
             cfg=cfg,
             epoch=epoch,
             runtime=runtime,
             progress=runtime.is_main,
-            teacher=teacher,
+            teacher=run.teacher,
         )
         if not runtime.is_main:
             continue
@@ -262,28 +324,36 @@ def _train(
             "train_accuracy": stats.accuracy,
             "images_per_second": stats.images_per_second,
             "seconds": stats.seconds,
-            "drw_active": loss_fn.drw_active,
+            "drw_active": run.loss_fn.drw_active,
         }
-        append_log(out, record)
+        append_log(run.out, record)
         epochs_bar.set_postfix(
             loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", img_s=f"{stats.images_per_second:.0f}"
         )
         if epoch % cfg.runtime.checkpoint_every == 0 and epoch < schedule.epochs:
-            save_train_state(out, optimizer, _parameter_names(model), epoch)
-            save_checkpoint(out, model.state_dict(), _build_meta(cfg, data, epoch, complete=False, teacher=teacher))
-    if not runtime.is_main:
-        return out
-    meta = _build_meta(cfg, data, schedule.epochs, complete=True, teacher=teacher)
-    metrics = evaluate_model(model, data, meta, device=runtime.device, batch_size=cfg.runtime.eval_batch_size)
+            _save(run, epoch, complete=False)
+
+
+def _save(run: TrainingRun, epoch: int, *, complete: bool, metrics: CheckpointMetrics | None = None) -> None:
+    """Momentum buffers, weights and sidecar of ``epoch``."""
+    save_train_state(run.out, run.optimizer, _parameter_names(run.model), epoch)
+    meta = _build_meta(run.cfg, run.data, epoch, complete=complete, teacher=run.teacher)
+    save_checkpoint(run.out, run.model.state_dict(), meta.model_copy(update={"metrics": metrics}))
+
+
+def _finish(run: TrainingRun) -> None:
+    """Evaluate the last epoch on the test split, save it as the finished checkpoint and write its report."""
+    cfg, epochs = run.cfg, run.schedule.epochs
+    meta = _build_meta(cfg, run.data, epochs, complete=True, teacher=run.teacher)
+    metrics = evaluate_model(
+        run.model, run.data, meta, device=run.runtime.device, batch_size=cfg.runtime.eval_batch_size
+    )
     metrics = metrics.model_copy(
         update={
-            "training": TrainingRecord(epochs=schedule.epochs, last_epoch_log=last_log_record(out)),
-            "distillation": teacher.describe() if teacher is not None else None,
+            "training": TrainingRecord(epochs=epochs, last_epoch_log=last_log_record(run.out)),
+            "distillation": run.teacher.describe() if run.teacher is not None else None,
         }
     )
-    save_train_state(out, optimizer, _parameter_names(model), schedule.epochs)
-    meta = meta.model_copy(update={"metrics": metrics})
-    save_checkpoint(out, model.state_dict(), meta)
-    write_report(out, metrics, meta)
-    print_summary(metrics, title=f"{cfg.name}: last epoch ({schedule.epochs}) on the test split")
-    return out
+    _save(run, epochs, complete=True, metrics=metrics)
+    write_report(run.out, metrics, meta.model_copy(update={"metrics": metrics}))
+    print_summary(metrics, title=f"{cfg.name}: last epoch ({epochs}) on the test split")

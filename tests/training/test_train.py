@@ -1,5 +1,6 @@
 """Stage-1 training end to end on real CIFAR-10 JPEGs: it learns, resumes exactly, runs under DDP, and fails
-cleanly on bad input."""
+cleanly on bad input. The command line runs in-process (``training.run.main``): an unexpected exception escaping
+it fails the test outright. Only DDP needs real processes."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from training import train as train_module
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
 from training.config import ConfigError, load_config
 from training.report import METRICS_FILE, PER_CLASS_PLOT
+from training.run import main
 from training.run_folder import LOG_FILE
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "cifar10_lt_ride3.toml"
 CLASSES = ("airplane", "automobile", "frog", "ship")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +140,6 @@ def test_resume_names_every_changed_key_and_accepts_runtime_changes(
     assert load_meta(tmp_path / "run").complete
 
 
-def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "training.run", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def _sets(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
@@ -185,24 +179,27 @@ def test_ddp_two_processes_on_cpu(small_folder: Path, tmp_path: Path) -> None:
         (["--config", "/nonexistent.toml"], "config file not found"),
     ],
 )
-def test_cli_bad_input_is_one_clear_error(args: list[str], message: str, tmp_path: Path) -> None:
-    base = ["train", "--config", "configs/cifar10_lt_ride3.toml", "--out", str(tmp_path / "out")]
-    result = _run_cli(*base, *args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+def test_cli_bad_input_is_one_clear_error(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
 
 
-def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(small_folder: Path, tmp_path: Path) -> None:
+def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(
+    small_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = _overrides(small_folder, tmp_path, "model.num_experts=2", "schedule.epochs=1")
-    base = ["train", "--config", "configs/cifar10_lt_ride3.toml", *_sets(overrides), "--out", str(tmp_path / "r")]
-    assert _run_cli(*base).returncode == 0
+    base = ["train", "--config", str(CONFIG), *_sets(overrides), "--out", str(tmp_path / "r")]
+    assert main(base) == 0
     before = (tmp_path / "r" / WEIGHTS_FILE).read_bytes()
+    capsys.readouterr()
 
-    again = _run_cli(*base)
-    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+    assert main(base) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
 
-    other = _run_cli(*base, "--set", "model.num_experts=3", "--resume")
-    assert other.returncode == 2 and "model.num_experts: 2 -> 3" in other.stderr and "Traceback" not in other.stderr
+    assert main([*base, "--set", "model.num_experts=3", "--resume"]) == 2
+    assert "model.num_experts: 2 -> 3" in capsys.readouterr().err
     assert (tmp_path / "r" / WEIGHTS_FILE).read_bytes() == before
     assert json.loads((tmp_path / "r" / META_FILE).read_text())["complete"] is True
