@@ -20,9 +20,9 @@ from pathlib import Path
 
 from training.checkpoint import META_FILE, CheckpointError, load_meta
 from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
+from training.run_folder import LOG_FILE
 
 MANIFEST_FILE = "manifest.json"  # written by the exporter, last, when the model folder is complete
-LOG_FILE = "log.jsonl"
 
 
 @dataclass(frozen=True)
