@@ -1,5 +1,5 @@
-"""Domain errors of the service; `service.api` maps each one to an HTTP status in a single table, so the modules
-that raise them know nothing about HTTP."""
+"""Domain errors of the service; `service.http_errors` maps each one to an HTTP status in a single table, so the
+modules that raise them know nothing about HTTP."""
 
 from __future__ import annotations
 
@@ -60,3 +60,10 @@ class NotReadyError(ServiceError):
 
 class ModelLoadError(RuntimeError):
     """The model folder cannot be served (bad manifest, hash mismatch, graph that onnxruntime rejects)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type when empty): library errors can run to pages, replies and
+    start-up errors are one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

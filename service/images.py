@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.manifest import InputSpec
-from service.errors import ImageTooLargeError, InvalidImageError, ServiceError
+from service.errors import ImageTooLargeError, InvalidImageError, ServiceError, first_line
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -81,7 +81,7 @@ class ImageDecoder:
         except UnidentifiedImageError:
             raise InvalidImageError("not an image: no decoder recognises these bytes") from None
         except Exception as error:  # Pillow signals a bad file with many exception types
-            raise InvalidImageError(f"not a decodable image: {_describe(error)}") from None
+            raise InvalidImageError(f"not a decodable image: {first_line(error)}") from None
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidImageError(f"image has an empty size {width}x{height}")
@@ -111,7 +111,7 @@ class ImageDecoder:
         except Image.DecompressionBombError as error:
             raise ImageTooLargeError(f"image refused: {error}") from None
         except Exception as error:
-            raise InvalidImageError(f"cannot decode the image: {_describe(error)}") from None
+            raise InvalidImageError(f"cannot decode the image: {first_line(error)}") from None
         finally:
             image.close()
         normalised = (pixels * np.float32(self.spec.scale) - self._mean) / self._std
@@ -129,8 +129,3 @@ class ImageDecoder:
         if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored rotated by 90 degrees
             width, height = height, width
         image.draft("RGB", (width, height))
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

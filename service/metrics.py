@@ -6,7 +6,7 @@ for everything worth a percentile. Labelled series are created up front so that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -124,13 +124,15 @@ class Metrics:
         for expert in range(1, num_experts + 1):
             self.exits_total.labels(expert=str(expert))
 
-    def preinitialise_routes(self, routes: Iterable[str], classify_route: str = "/classify") -> None:
-        """Create the request series of every route (and the classify errors) so that they start at zero."""
+    def preinitialise_routes(self, routes: Iterable[str], error_statuses: Mapping[str, Iterable[int]]) -> None:
+        """Create the request series of every route, and of the error statuses a route declares (see
+        `service.http_errors`), so that they start at zero."""
         for route in (*routes, UNMATCHED_ROUTE):
             self.request_duration.labels(route=route)
             self.requests_total.labels(route=route, status="404" if route == UNMATCHED_ROUTE else "200")
-        for status in ("400", "413", "415", "422", "503"):
-            self.requests_total.labels(route=classify_route, status=status)
+        for route, route_statuses in error_statuses.items():
+            for status in route_statuses:
+                self.requests_total.labels(route=route, status=str(status))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests_total.labels(route=route, status=str(status)).inc()

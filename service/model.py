@@ -28,7 +28,7 @@ from export.manifest import (
     ManifestError,
     load_manifest,
 )
-from service.errors import ModelLoadError
+from service.errors import ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,6 @@ def _session_options(shared_thread_pool: bool, intra_op_threads: int) -> ort.Ses
     return options
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _create_session(
     folder: Path, spec: GraphSpec, providers: list[str], options: ort.SessionOptions
 ) -> ort.InferenceSession:
@@ -108,7 +103,7 @@ def _create_session(
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:
-        raise ModelLoadError(f"onnxruntime cannot load {spec.file}: {_first_line(error)}") from None
+        raise ModelLoadError(f"onnxruntime cannot load {spec.file}: {first_line(error)}") from None
     actual_inputs = sorted(i.name for i in session.get_inputs())
     actual_outputs = {o.name for o in session.get_outputs()}
     expected_inputs = sorted(t.name for t in spec.inputs)
@@ -235,7 +230,7 @@ def load_model(
     try:
         warm_up(model, batch_sizes=(1,))
     except Exception as error:
-        raise ModelLoadError(f"the graphs of {folder} do not run together: {_first_line(error)}") from None
+        raise ModelLoadError(f"the graphs of {folder} do not run together: {first_line(error)}") from None
     return model
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cascade import Threshold
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error name, e.g. invalid_image.")
@@ -22,10 +24,11 @@ class ClassifyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(5, ge=1, description="How many classes to list (capped at the number of classes).")
-    threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="Router threshold: continue to the next expert iff sigmoid >= threshold."
+    threshold: Threshold | None = Field(
+        None, description="Router threshold: continue to the next expert iff sigmoid >= threshold."
     )
-    max_experts: int | None = Field(None, ge=1, description="Run at most this many experts (1..E).")
+    # E depends on the model served: the range is checked against it when the request runs (ServiceState).
+    max_experts: int | None = Field(None, description="Run at most this many experts (1..E).")
 
 
 class ModelRef(BaseModel):

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cascade import Threshold
 from service.cpu_quota import default_intra_op_threads
 
 # Resolved from this file, not from the working directory, so that the default works wherever the server starts.
@@ -59,8 +60,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         25_000_000, ge=1, description="Largest image (width x height) decoded; refused before decoding (413)."
     )
-    default_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="Router threshold when a request gives none (default: the manifest's)."
+    default_threshold: Threshold | None = Field(
+        None, description="Router threshold when a request gives none (default: the manifest's)."
     )
     shutdown_timeout_s: float = Field(
         10.0, gt=0.0, description="On SIGTERM, how long in-flight requests may take before they are cut off."

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cascade import Threshold
 from training.atomic import atomic_write, atomic_write_json
 from training.config import ModelConfig, RouterConfig, TrainConfig
 from training.data.errors import DataError
@@ -57,7 +58,7 @@ class RouterInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_z: int
     hidden: int
-    threshold: float = Field(ge=0.0, le=1.0, description="Chosen decision threshold; the service's default.")
+    threshold: Threshold = Field(description="Chosen decision threshold; the service's default.")
     threshold_source: str = "default"
 
 

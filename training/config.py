@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cascade import Threshold
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message meant for the person who wrote the config."""
@@ -135,7 +137,7 @@ class RouterConfig(_Section):
     lr: float = Field(0.01, gt=0.0)
     batch_size: int = Field(512, ge=1)
     weight_decay: float = Field(5e-4, ge=0.0)
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    threshold: Threshold = 0.5
 
 
 class DistillConfig(_Section):

@@ -1,0 +1,108 @@
+"""Domain errors to HTTP: the one status table, the one error body, and the handlers FastAPI calls.
+
+Every error a client can cause is a `service.errors.ServiceError`; :data:`ERROR_STATUS` is the only place that
+maps them to status codes. A route declares the errors it can raise (:func:`error_responses`), which documents
+them in OpenAPI, and the metrics create their status series from the same declaration (:func:`statuses`).
+Every non-2xx reply, FastAPI's own 404/405/422 included, has the body ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidParameterError,
+    ModelNotFoundError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
+from service.schemas import ErrorBody, ErrorDetail
+
+logger = logging.getLogger(__name__)
+
+# The one exception-to-status table.
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    InvalidImageError: 400,
+    ModelNotFoundError: 404,
+    PayloadTooLargeError: 413,
+    ImageTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidParameterError: 422,
+    OverloadedError: 503,
+    NotReadyError: 503,
+}
+# Codes for the errors Starlette/FastAPI raise themselves (unknown route, wrong method, bad multipart).
+HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def status_of(error: ServiceError) -> int:
+    """The status of ``error``'s class (or of the nearest class in the table it derives from); 500 if none."""
+    for cls in type(error).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500
+
+
+def statuses(*errors: type[ServiceError]) -> list[int]:
+    """The distinct statuses of ``errors``, sorted."""
+    return sorted({ERROR_STATUS[error] for error in errors})
+
+
+def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a route that can raise ``errors``: each status with the error body."""
+    return {status: {"model": ErrorBody} for status in statuses(*errors)}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in item.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{location or 'request'}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def register_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
+    """Answer every error with the one error body; 503s carry ``Retry-After``."""
+    retry_after = {"Retry-After": str(retry_after_s)}
+
+    async def on_service_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, ServiceError)
+        status = status_of(error)
+        return error_response(status, error.code, str(error), retry_after if status == 503 else None)
+
+    async def on_validation_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        return error_response(422, InvalidParameterError.code, _validation_message(error))
+
+    async def on_http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        code = HTTP_ERROR_CODES.get(error.status_code, "http_error")
+        message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if error.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(error.status_code, code, message, error.headers)
+
+    async def on_unexpected_error(request: Request, error: Exception) -> Response:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)

@@ -1,0 +1,77 @@
+"""Typed response bodies built from the loaded model and a request's result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.batcher import RowResult
+from service.schemas import (
+    ClassifyResponse,
+    ClassScore,
+    ClassSummary,
+    CostSummary,
+    ModelRef,
+    ModelSummary,
+    TimingMs,
+    V2ModelMetadata,
+    V2Tensor,
+)
+from service.state import ServiceState
+
+
+def classify_response(state: ServiceState, row: RowResult, top_k: int, total_s: float) -> ClassifyResponse:
+    """One image's answer: the ``top_k`` classes, the experts it used and where its time went."""
+    probabilities = row.probabilities
+    k = min(top_k, probabilities.shape[0])
+    top = np.argsort(-probabilities, kind="stable")[:k]
+    scores = [ClassScore(label=state.labels[i], class_id=int(i), probability=float(probabilities[i])) for i in top]
+    manifest = state.model.manifest
+    return ClassifyResponse(
+        model=ModelRef(name=manifest.model.name, version=manifest.model.version),
+        label=scores[0].label,
+        class_id=scores[0].class_id,
+        probability=scores[0].probability,
+        top_k=scores,
+        experts_used=row.experts_used,
+        num_experts=state.model.num_experts,
+        relative_compute=row.relative_compute,
+        timing_ms=TimingMs(queue=row.queue_seconds * 1e3, inference=row.inference_seconds * 1e3, total=total_s * 1e3),
+    )
+
+
+def model_summary(state: ServiceState) -> ModelSummary:
+    """The manifest's description of the served model, with the provider in use and the server's threshold."""
+    manifest, cost = state.model.manifest, state.model.cost
+    return ModelSummary(
+        name=manifest.model.name,
+        version=manifest.model.version,
+        provider=state.model.provider,
+        precision=manifest.precision,
+        num_experts=manifest.cascade.num_experts,
+        has_routers=manifest.cascade.has_routers,
+        default_threshold=state.default_threshold,
+        top_z=manifest.cascade.top_z,
+        input=manifest.input.model_dump(),
+        classes=[ClassSummary(**c.model_dump()) for c in manifest.classes],
+        cost=CostSummary(
+            trunk_macs=cost.trunk_macs,
+            expert_macs=list(cost.expert_macs),
+            router_macs=list(cost.router_macs),
+            full_ensemble_macs=cost.full_ensemble_macs,
+        ),
+        evaluation=manifest.metrics.model_dump(),
+    )
+
+
+def v2_metadata(state: ServiceState) -> V2ModelMetadata:
+    """KServe v2 model metadata: one image tensor in, class probabilities out."""
+    manifest = state.model.manifest
+    spec = manifest.input
+    datatype = "FP16" if manifest.precision == "float16" else "FP32"
+    return V2ModelMetadata(
+        name=manifest.model.name,
+        versions=[manifest.model.version],
+        platform="onnxruntime_onnx",
+        inputs=[V2Tensor(name="image", datatype=datatype, shape=[-1, spec.channels, spec.height, spec.width])],
+        outputs=[V2Tensor(name="probabilities", datatype="FP32", shape=[-1, len(manifest.classes)])],
+    )
