@@ -65,6 +65,7 @@ from export.verify import (
     VerificationError,
     verify_parity,
 )
+from training.data import preprocess
 from training.metrics import CheckpointMetrics
 
 Log = Callable[[str], None]
@@ -202,9 +203,9 @@ def build_manifest(
             height=meta.input.image_size,
             width=meta.input.image_size,
             dtype=precision,
-            resize="bilinear",  # what training's decoder does to images of another size
-            crop="none",
-            scale=1.0 / 255.0,
+            resize=preprocess.RESIZE,
+            crop=preprocess.CROP,
+            scale=preprocess.PIXEL_SCALE,
             mean=meta.input.mean,
             std=meta.input.std,
         ),

@@ -12,7 +12,6 @@ Nothing is pickled: loading a checkpoint cannot execute code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cascade import Threshold
+from export.manifest import sha256_file
 from training.atomic import atomic_write, atomic_write_json
 from training.config import ModelConfig, RouterConfig, TrainConfig
 from training.data.errors import DataError
@@ -96,11 +96,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def weights_sha256(folder: Path) -> str:
-    digest = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of the weights file: what a routed checkpoint, a student and a model folder record as their source."""
+    return sha256_file(Path(folder) / WEIGHTS_FILE)
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

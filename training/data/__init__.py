@@ -1,10 +1,11 @@
 """Data pipeline: long-tailed CIFAR / image-folder datasets, batched GPU-friendly augmentation, index streams."""
 
-from training.data.augment import BatchAugment, normalize
+from training.data.augment import BatchAugment
 from training.data.datasets import ImageSet, LongTailData, class_groups, load_data
 from training.data.errors import DataError
 from training.data.loader import balanced_indices, iterate_batches, shard
 from training.data.longtail import longtail_counts, select_longtail
+from training.data.preprocess import normalize
 
 __all__ = [
     "BatchAugment",

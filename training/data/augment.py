@@ -1,8 +1,9 @@
 """Training augmentation on whole batches of uint8 images, on whatever device they live on.
 
-Matches the reference pipeline (../shared/REFERENCE-RIDE.md 1.3): RandomCrop(size, padding) with zero fill, horizontal
-flip with p = 0.5, RandomRotation(degrees) with nearest sampling and zero fill, then /255 and Normalize. Random
-numbers come only from the CPU generator passed in, so a run is reproducible on any device.
+Matches the reference pipeline (../shared/REFERENCE-RIDE.md 1.3): RandomCrop(size, padding) with zero fill,
+horizontal flip with p = 0.5, RandomRotation(degrees) with nearest sampling and zero fill, then /255 and
+Normalize (`training.data.preprocess.normalize`). Random numbers come only from the CPU generator passed in, so
+a run is reproducible on any device.
 """
 
 from __future__ import annotations
@@ -14,13 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import DataConfig
-
-
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``uint8 [B, 3, H, W]`` (or floats in 0..255) to float32 ``(x / 255 - mean) / std`` per channel."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
-    return (images_uint8.float() / 255.0 - mean_t) / std_t
+from training.data.preprocess import normalize
 
 
 def random_crop(images: torch.Tensor, size: int, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from training.config import DataConfig
 from training.data.cifar import cifar_class_names, find_cifar_dir, load_cifar_split
 from training.data.errors import DataError
 from training.data.folder import decode_images, scan_image_folder
 from training.data.longtail import longtail_counts, select_longtail
+from training.data.preprocess import resize_batch
 
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
@@ -53,16 +53,6 @@ def _image_set(images: np.ndarray, labels: np.ndarray) -> ImageSet:
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    resized = [
-        np.asarray(Image.fromarray(image.transpose(1, 2, 0)).resize((size, size), Image.Resampling.BILINEAR))
-        for image in images
-    ]
-    return np.stack(resized).transpose(0, 3, 1, 2)
-
-
 def _kept_indices(labels: np.ndarray, num_classes: int, cfg: DataConfig) -> np.ndarray:
     available = np.bincount(labels, minlength=num_classes).tolist()
     counts = longtail_counts(available, num_classes, cfg.imbalance_profile, cfg.imbalance_factor)
@@ -90,7 +80,7 @@ def _load_pickles(root: Path, cfg: DataConfig) -> _Loaded:
     keep = _kept_indices(labels, len(names), cfg)
     test_images, test_labels = load_cifar_split(root, cfg.dataset, "test")
     size = cfg.image_size
-    return names, _resize(images[keep], size), labels[keep], _resize(test_images, size), test_labels
+    return names, resize_batch(images[keep], size), labels[keep], resize_batch(test_images, size), test_labels
 
 
 def _load_folder(root: Path, cfg: DataConfig, progress: bool) -> _Loaded:

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from training.data.errors import DataError
+from training.data.preprocess import to_model_size
 
 _CHUNK = 256  # images per decode task: big enough to amortise the pool overhead on 32x32 JPEGs
 
@@ -92,12 +93,9 @@ def scan_image_folder(root: Path) -> FolderIndex:
 def _decode(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            return to_model_size(image, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb)
 
 
 def _cache_key(root: Path, split: str, files: Sequence[str], size: int) -> str:
