@@ -1,6 +1,7 @@
 """Shared test fixtures: where the real CIFAR-10 image folder lives (``../shared`` beside the repo), a tiny
-trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of its real JPEGs, and model folders
-exported from it by the real exporter (all experts, and early exit in float32 and float16)."""
+trained RIDE checkpoint (stage 1, and with routers) built from a few hundred of its real JPEGs, the routed one
+with routers shifted so that the cascade really exits early, the model folder the real exporter makes of it,
+and that folder's graphs converted to float16."""
 
 from __future__ import annotations
 
@@ -121,21 +122,6 @@ def tiny_routed_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempP
         return route_checkpoint(tiny_checkpoint, out=out, progress=False)
 
 
-@pytest.fixture(scope="session")
-def exported_model_dir(
-    tiny_routed_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """``tiny_routed_checkpoint`` exported by ``python -m export`` (float32, opset 18, verified on 128 real
-    CIFAR-10 test images) into a model folder named ``tiny``. Read-only: copy it before changing anything.
-
-    Its routers are the tiny checkpoint's (threshold 0.5 sends nearly every image through all experts)."""
-    from export.build import export_checkpoint
-
-    out = tmp_path_factory.mktemp("exported") / "tiny"
-    with one_torch_thread():
-        return export_checkpoint(tiny_routed_checkpoint, out, data_dir=cifar10_dir, num_images=128).folder
-
-
 # Early exit: the tiny routers' logits are about 10 to 20 on real images, so at threshold 0.5 nearly every image
 # runs all experts. Centred on these real test images (4 per class, apart from the first few per class that the
 # service tests send), each router stops about half the rows that reach it.
@@ -180,13 +166,14 @@ def early_exit_checkpoint(
 ) -> Path:
     """``tiny_routed_checkpoint`` with its routers shifted so that each one's median logit on 40 real test
     images is logit(0.5) = 0: at the stored threshold 0.5 the cascade really mixes 1, 2 and 3 experts. Its
-    ``routed`` metrics are dropped (they described the unshifted routers). Read-only."""
+    metrics are those of ``python -m training.run evaluate`` on the shifted routers. Read-only."""
     import torch
 
     from export.graphs import load_source
     from export.verify import normalized
     from training.checkpoint import load_checkpoint, router_state, save_checkpoint
     from training.data.folder import decode_images
+    from training.evaluate_checkpoint import evaluate_checkpoint
 
     base = tmp_path_factory.mktemp("early-exit")
     source = load_source(tiny_routed_checkpoint)
@@ -199,9 +186,10 @@ def early_exit_checkpoint(
         centre_routers(source.routers, outputs, target=0.0)
     meta, weights = load_checkpoint(tiny_routed_checkpoint)
     weights.update(router_state(source.routers))
-    metrics = meta.metrics.model_copy(update={"routed": None})
     folder = base / "checkpoint"
-    save_checkpoint(folder, weights, meta.model_copy(update={"metrics": metrics}))
+    save_checkpoint(folder, weights, meta)
+    with one_torch_thread():
+        evaluate_checkpoint(folder, device_choice="cpu")  # the routed metrics of the shifted routers
     return folder
 
 
@@ -220,16 +208,38 @@ def early_exit_model_dir(
 
 
 @pytest.fixture(scope="session")
-def early_exit_fp16_model_dir(
-    early_exit_checkpoint: Path, cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """``early_exit_checkpoint`` exported by the real exporter with ``fp16=True`` (float16 weights, inputs and
-    outputs), verified on 32 real test images: the weights of ``early_exit_model_dir`` in half precision."""
-    from export.build import export_checkpoint
+def early_exit_fp16_model_dir(early_exit_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``early_exit_model_dir`` with every graph converted to float16 weights, inputs and outputs by the
+    exporter's own converter (`export.graphs.convert_to_float16`), and a manifest that says so: the same weights
+    in half precision, without a second export. The ``--fp16`` export itself, parity included, is tested in
+    tests/export/test_build.py."""
+    import shutil
 
-    out = tmp_path_factory.mktemp("exported-early-exit-fp16") / "tiny-early-exit-fp16"
-    with one_torch_thread():
-        return export_checkpoint(early_exit_checkpoint, out, fp16=True, data_dir=cifar10_dir, num_images=32).folder
+    from export.graphs import convert_to_float16, read_graph_io
+    from export.manifest import load_manifest, sha256_file, write_manifest
+
+    manifest = load_manifest(early_exit_model_dir)
+    folder = tmp_path_factory.mktemp("early-exit-fp16") / "tiny-early-exit-fp16"
+    folder.mkdir()
+    specs = []
+    for spec in manifest.graph_specs():
+        path = Path(shutil.copy(early_exit_model_dir / spec.file, folder / spec.file))
+        convert_to_float16(path)
+        io = read_graph_io(path)
+        specs.append(spec.model_copy(update={"sha256": sha256_file(path), "inputs": io.inputs, "outputs": io.outputs}))
+    experts = manifest.cascade.num_experts
+    graphs = manifest.graphs.model_copy(
+        update={"trunk": specs[0], "experts": specs[1 : 1 + experts], "routers": specs[1 + experts :]}
+    )
+    half = manifest.model_copy(
+        update={
+            "precision": "float16",
+            "input": manifest.input.model_copy(update={"dtype": "float16"}),
+            "graphs": graphs,
+        }
+    )
+    write_manifest(half, folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

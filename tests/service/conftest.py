@@ -4,7 +4,7 @@ The service serves what the exporter writes, so these tests serve a real export:
 is ``early_exit_model_dir``, the tiny RIDE checkpoint trained for a few steps on real CIFAR-10 images, its routers
 centred so that the cascade really mixes 1, 2 and 3 experts at the default threshold 0.5, exported and verified
 by ``export.build.export_checkpoint``. Expectations about exits are derived from that model (in-process
-`service.cascade.run_cascade` or raw onnxruntime sessions), never assumed.
+`cascade.run_cascade` or raw onnxruntime sessions), never assumed.
 """
 
 from __future__ import annotations

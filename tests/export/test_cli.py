@@ -1,0 +1,78 @@
+"""The exporter's command line (`python -m export`, run in-process): verify on demand, tampering, and one
+``error:`` line for every expected problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.__main__ import main
+from export.manifest import MANIFEST_NAME, sha256_file
+from tests.export.conftest import copy_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_verify_command_accepts_an_intact_folder(model_dir: Path, cifar10_dir: Path, capsys) -> None:
+    status = main(["verify", str(model_dir), "--data-dir", str(cifar10_dir / "test"), "--num-images", "32"])
+    assert status == 0, capsys.readouterr().err
+    assert "OK" in capsys.readouterr().out
+
+
+def test_flipped_byte_in_a_graph_fails_verify(model_dir: Path, tmp_path: Path, cifar10_dir: Path, capsys) -> None:
+    folder = copy_folder(model_dir, tmp_path / "tampered")
+    graph = folder / "expert_2.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    assert main(["verify", str(folder), "--data-dir", str(cifar10_dir)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "graph expert_2.onnx has sha256" in errors[0], err
+
+
+def test_changed_weights_with_a_matching_hash_fail_parity(
+    model_dir: Path, tmp_path: Path, cifar10_dir: Path, capsys
+) -> None:
+    """Someone edits a weight and updates the manifest's hash too: the parity check still catches it."""
+    folder = copy_folder(model_dir, tmp_path / "edited")
+    model = onnx.load(str(folder / "expert_3.onnx"))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(folder / "expert_3.onnx"))
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["graphs"]["experts"][2]["sha256"] = sha256_file(folder / "expert_3.onnx")
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    assert main(["verify", str(folder), "--data-dir", str(cifar10_dir), "--num-images", "32"]) == 1
+    assert "expert_3.logits differs from PyTorch" in capsys.readouterr().err
+
+
+def test_manifest_that_breaks_the_schema_fails_verify(model_dir: Path, tmp_path: Path, capsys) -> None:
+    folder = copy_folder(model_dir, tmp_path / "bad-manifest")
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["graphs"]["trunk"]["macs_per_image"] = -1
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    assert main(["verify", str(folder)]) == 2
+    assert "does not match the manifest schema at graphs/trunk/macs_per_image" in capsys.readouterr().err
+
+
+def test_verify_refuses_a_different_checkpoint(model_dir: Path, tiny_checkpoint: Path, capsys) -> None:
+    assert main(["verify", str(model_dir), "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "but the model folder was exported from" in capsys.readouterr().err
+
+
+def test_missing_or_corrupt_checkpoint_is_one_clear_error(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "models" / "m"
+    assert main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: checkpoint folder not found")
+    corrupt = copy_folder(tiny_checkpoint, tmp_path / "corrupt")
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["--checkpoint", str(corrupt), "--out", str(out)]) == 2
+    assert "is corrupt or unreadable" in capsys.readouterr().err
+    assert not out.parent.exists()
