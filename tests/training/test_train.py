@@ -57,6 +57,11 @@ def _config(folder: Path, tmp_path: Path, *extra: str):
     return load_config(REPO / "configs" / "cifar10_lt_ride3.toml", _overrides(folder, tmp_path, *extra))
 
 
+# For the tests of mechanics (resume, refusals), where what is learnt does not matter: the tiny long-tailed set
+# of tests/conftest.py (159 training images, 5 batches an epoch), a fraction of the cost of ``small_folder``.
+TINY = ("data.imbalance_profile=exp", "data.imbalance_factor=10", "optim.batch_size=32")
+
+
 def test_short_run_beats_chance_and_writes_everything(small_folder: Path, tmp_path: Path) -> None:
     cfg = _config(
         small_folder,
@@ -85,10 +90,10 @@ def test_short_run_beats_chance_and_writes_everything(small_folder: Path, tmp_pa
 
 
 def test_resume_reproduces_the_uninterrupted_run(
-    small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = ("model.num_experts=2", "schedule.epochs=3", "runtime.checkpoint_every=1", "optim.batch_size=100")
-    cfg = _config(small_folder, tmp_path, *extra)
+    extra = (*TINY, "model.num_experts=2", "schedule.epochs=3", "runtime.checkpoint_every=1")
+    cfg = _config(tiny_data_dir, tmp_path, *extra)
     straight = train(cfg, out=tmp_path / "straight")
 
     real_epoch = train_module.train_one_epoch
@@ -113,9 +118,9 @@ def test_resume_reproduces_the_uninterrupted_run(
 
 
 def test_resume_names_every_changed_key_and_accepts_runtime_changes(
-    small_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = ("model.num_experts=2", "schedule.epochs=2", "runtime.checkpoint_every=1", "optim.batch_size=200")
+    extra = (*TINY, "model.num_experts=2", "schedule.epochs=2", "runtime.checkpoint_every=1")
     real_epoch = train_module.train_one_epoch
 
     def interrupted(*args, **kwargs):
@@ -125,10 +130,10 @@ def test_resume_names_every_changed_key_and_accepts_runtime_changes(
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(small_folder, tmp_path, *extra), out=tmp_path / "run")
+        train(_config(tiny_data_dir, tmp_path, *extra), out=tmp_path / "run")
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
 
-    changed = _config(small_folder, tmp_path, *extra, "optim.lr=0.05", "loss.max_margin=0.3")
+    changed = _config(tiny_data_dir, tmp_path, *extra, "optim.lr=0.05", "loss.max_margin=0.3")
     with pytest.raises(ConfigError) as error:
         train(changed, out=tmp_path / "run", resume=True)
     assert "loss.max_margin: 0.5 -> 0.3" in str(error.value) and "optim.lr: 0.1 -> 0.05" in str(error.value)
@@ -136,7 +141,7 @@ def test_resume_names_every_changed_key_and_accepts_runtime_changes(
 
     # Another machine: other precision, layout and optimiser kernel. What is trained is the same recipe.
     elsewhere = ("runtime.precision=fp32", "runtime.channels_last=false", "runtime.fused_optimizer=false")
-    train(_config(small_folder, tmp_path, *extra, *elsewhere), out=tmp_path / "run", resume=True)
+    train(_config(tiny_data_dir, tmp_path, *extra, *elsewhere), out=tmp_path / "run", resume=True)
     assert load_meta(tmp_path / "run").complete
 
 
@@ -188,9 +193,9 @@ def test_cli_bad_input_is_one_clear_error(
 
 
 def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(
-    small_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    overrides = _overrides(small_folder, tmp_path, "model.num_experts=2", "schedule.epochs=1")
+    overrides = _overrides(tiny_data_dir, tmp_path, *TINY, "model.num_experts=2", "schedule.epochs=1")
     base = ["train", "--config", str(CONFIG), *_sets(overrides), "--out", str(tmp_path / "r")]
     assert main(base) == 0
     before = (tmp_path / "r" / WEIGHTS_FILE).read_bytes()
