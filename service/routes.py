@@ -8,16 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
 
-from service.errors import (
-    ImageTooLargeError,
-    InvalidImageError,
-    InvalidParameterError,
-    ModelNotFoundError,
-    NotReadyError,
-    OverloadedError,
-    PayloadTooLargeError,
-    UnsupportedMediaTypeError,
-)
+from service import errors
 from service.http_errors import error_responses
 from service.metrics import EXPOSITION_CONTENT_TYPE
 from service.responses import classify_response, model_summary, v2_metadata
@@ -34,14 +25,15 @@ from service.state import ServiceState, StateDep
 from service.upload import IMAGE_REQUEST_BODY, decode_upload
 
 CLASSIFY_ROUTE = "/classify"
+# What /classify can answer besides 200 (the batcher's queue and readiness included).
 CLASSIFY_ERRORS = (
-    InvalidImageError,
-    PayloadTooLargeError,
-    ImageTooLargeError,
-    UnsupportedMediaTypeError,
-    InvalidParameterError,
-    OverloadedError,
-    NotReadyError,
+    errors.InvalidImageError,
+    errors.PayloadTooLargeError,
+    errors.ImageTooLargeError,
+    errors.UnsupportedMediaTypeError,
+    errors.InvalidParameterError,
+    errors.OverloadedError,
+    errors.NotReadyError,
 )
 
 
@@ -68,7 +60,7 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
 
 async def healthz(state: StateDep) -> Any:
     if state.failure is not None:
-        raise NotReadyError(state.failure)
+        raise errors.NotReadyError(state.failure)
     return StatusResponse(status="alive")
 
 
@@ -97,7 +89,7 @@ async def v2_ready(state: StateDep) -> Any:
 def _require_model(state: ServiceState, name: str) -> None:
     served = state.model.manifest.model.name
     if name != served:
-        raise ModelNotFoundError(f"unknown model {name!r}: this server serves {served!r}")
+        raise errors.ModelNotFoundError(f"unknown model {name!r}: this server serves {served!r}")
 
 
 async def v2_model(name: str, state: StateDep) -> Any:
@@ -126,10 +118,10 @@ def add_routes(app: FastAPI) -> None:
         "/healthz",
         healthz,
         response_model=StatusResponse,
-        responses=error_responses(NotReadyError),
+        responses=error_responses(errors.NotReadyError),
         summary="Liveness: the process answers (503 only when warm-up failed and it never will be ready).",
     )
-    ready = error_responses(NotReadyError)
+    ready = error_responses(errors.NotReadyError)
     app.add_api_route(
         "/readyz", readyz, response_model=StatusResponse, responses=ready, summary="Readiness: loaded and warm."
     )
@@ -145,13 +137,13 @@ def add_routes(app: FastAPI) -> None:
         "/v2/models/{name}",
         v2_model,
         response_model=V2ModelMetadata,
-        responses=error_responses(ModelNotFoundError),
+        responses=error_responses(errors.ModelNotFoundError),
         summary="KServe v2 metadata.",
     )
     app.add_api_route(
         "/v2/models/{name}/ready",
         v2_model_ready,
         response_model=V2Ready,
-        responses=error_responses(ModelNotFoundError, NotReadyError),
+        responses=error_responses(errors.ModelNotFoundError, errors.NotReadyError),
         summary="KServe v2 model ready.",
     )
