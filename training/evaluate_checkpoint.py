@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from training.checkpoint import check_same_classes, model_from_checkpoint, routers_from_checkpoint, save_meta
 from training.data import load_data
 from training.evaluate import evaluate_model
+from training.metrics import CheckpointMetrics
 from training.report import print_summary, write_report
 from training.runtime import resolve_device
 
@@ -15,7 +15,9 @@ from training.runtime import resolve_device
 KEPT_METRICS = ("training", "distillation", "router_training", "validation", "threshold_selection")
 
 
-def evaluate_checkpoint(folder: Path, *, data_dir: Path | None = None, device_choice: str = "auto") -> dict[str, Any]:
+def evaluate_checkpoint(
+    folder: Path, *, data_dir: Path | None = None, device_choice: str = "auto"
+) -> CheckpointMetrics:
     """Evaluate, print a summary, write ``metrics.json`` and the plot, and store the metrics in the sidecar.
 
     A checkpoint with routers is also evaluated as the early-exit cascade at its stored threshold
