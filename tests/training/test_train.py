@@ -67,15 +67,15 @@ def test_short_run_beats_chance_and_writes_everything(small_folder: Path, tmp_pa
         small_folder,
         tmp_path,
         "model.num_experts=2",
-        "schedule.epochs=6",
+        "schedule.epochs=4",  # 0.595 on this data at 4 epochs (seed 0): well clear of the 0.45 asked
         "schedule.warmup_epochs=1",
-        "schedule.milestones=[5, 6]",
+        "schedule.milestones=[3, 4]",
         "optim.lr=0.05",
         "data.rotation_degrees=0",
     )
     out = train(cfg, out=tmp_path / "run")
     meta, weights = load_checkpoint(out)
-    assert meta.complete and meta.epoch == 6 and meta.class_names == list(CLASSES)
+    assert meta.complete and meta.epoch == 4 and meta.class_names == list(CLASSES)
     metrics = json.loads((out / METRICS_FILE).read_text())
     # Chance is 25 % on 4 balanced classes.
     assert metrics["all_experts"]["top1"] > 0.45, metrics["all_experts"]["top1"]
@@ -85,7 +85,7 @@ def test_short_run_beats_chance_and_writes_everything(small_folder: Path, tmp_pa
     )
     assert metrics["cost"]["macs_per_image"]["total"] > 0
     log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert (out / PER_CLASS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
