@@ -114,6 +114,14 @@ class Metrics:
         self.queue_depth = Gauge(
             "ride_queue_depth", "Classifications accepted and waiting for inference.", registry=registry
         )
+        self.queue_capacity = Gauge(
+            "ride_queue_capacity",
+            "Classifications the queue holds; beyond it new ones get 503 (RIDE_MAX_QUEUE_SIZE).",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "ride_ready", "1 while /readyz answers 200 (model loaded and warm), else 0.", registry=registry
+        )
         self.model_info = Gauge(
             "ride_model_info",
             "The model served and the onnxruntime provider really in use (value 1).",
@@ -149,9 +157,14 @@ class Metrics:
         self.batch_size.observe(size)
         self.inference_duration.observe(seconds)
 
-    def track_queue_depth(self, depth: Callable[[], float]) -> None:
-        """Read the queue depth at scrape time from ``depth``."""
+    def track_queue_depth(self, depth: Callable[[], float], capacity: int) -> None:
+        """Read the queue depth at scrape time from ``depth``; ``capacity`` is the bound it is refused at."""
         self.queue_depth.set_function(depth)
+        self.queue_capacity.set(capacity)
+
+    def track_readiness(self, ready: Callable[[], bool]) -> None:
+        """Read readiness (what /readyz answers) at scrape time from ``ready``."""
+        self.ready.set_function(lambda: float(ready()))
 
     def exposition(self) -> bytes:
         """The text exposition format of this registry."""

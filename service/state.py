@@ -48,7 +48,8 @@ class ServiceState:
             max_queue_size=settings.max_queue_size,
             on_batch=self.metrics.observe_batch,
         )
-        self.metrics.track_queue_depth(lambda: self.batcher.pending)
+        self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
+        self.metrics.track_readiness(lambda: self.ready)
         self.ready = False
         self.failure: str | None = None
 

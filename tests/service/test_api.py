@@ -24,9 +24,11 @@ def request_all(app, calls: list[tuple[str, str]]) -> list[httpx.Response]:
 
 
 def test_not_ready_until_warm(loaded_model, model_dir: Path) -> None:
-    app = create_app(Settings(model_dir=model_dir, retry_after_s=7), model=loaded_model)
+    app = create_app(Settings(model_dir=model_dir, retry_after_s=7, max_queue_size=17), model=loaded_model)
     calls = [("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/classify"), ("GET", "/v2/health/ready")]
-    live, ready, classify, v2_ready = request_all(app, calls)
+    live, ready, classify, v2_ready, metrics = request_all(app, [*calls, ("GET", "/metrics")])
+    # What the alerting rules read: not ready, and the bound the queue refuses work at.
+    assert "\nride_ready 0.0\n" in metrics.text and "\nride_queue_capacity 17.0\n" in metrics.text
     assert live.status_code == 200 and live.json() == {"status": "alive"}
     for response in (ready, classify, v2_ready):
         assert response.status_code == 503

@@ -272,6 +272,7 @@ def test_metrics_add_up(server: ServerProcess, client: httpx.Client, test_images
     info = {"name": model.name, "version": model.version, "provider": "CPUExecutionProvider"}
     assert value(after, "ride_model_info", **info) == 1
     assert value(after, "ride_queue_depth") == 0
+    assert value(after, "ride_ready") == 1 and value(after, "ride_queue_capacity") == 256
     buckets = {dict(labels)["le"] for name, labels in after if name == "ride_experts_used_bucket"}
     assert buckets == {"1.0", "2.0", "3.0", "+Inf"}
     text = client.get("/metrics")
