@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULES_FILE = PROMETHEUS_DIR / "rules.yml"
+ALERTS_FILE = PROMETHEUS_DIR / "alerts.yml"
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
 DATASOURCES_FILE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS_FILE = GRAFANA_DIR / "provisioning" / "dashboards" / "dashboards.yml"
@@ -107,6 +111,19 @@ def recording_rules() -> dict[str, str]:
             if "record" in rule:
                 rules[rule["record"]] = rule["expr"]
     return rules
+
+
+def alerting_rules() -> dict[str, dict[str, Any]]:
+    """Alert name -> its rule, for every alerting rule in alerts.yml."""
+    return {rule["alert"]: rule for group in read_yaml(ALERTS_FILE)["groups"] for rule in group["rules"]}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run Debian's promtool (the `prometheus` package, which CI installs); skips the test where it is absent."""
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.skip("promtool not found: install Debian's `prometheus` package (CI does)")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120)
 
 
 def provisioned_datasource() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import yaml
 from export.manifest import load_manifest
 
 from . import (
+    ALERTS_FILE,
     DASHBOARD_FILES,
     DASHBOARD_PROVIDERS_FILE,
     DASHBOARD_VARIABLES,
@@ -35,6 +36,7 @@ from . import (
     dashboard_queries,
     dashboard_variables,
     panels,
+    promtool,
     provisioned_datasource,
     read_dashboard,
     read_yaml,
@@ -340,7 +342,7 @@ def test_prometheus_service_scrapes_ride_with_the_project_config(compose: dict[s
     assert targets == [f"ride:{SERVER_PORT}"], "the compose service name and the server's container port"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
-    assert config["rule_files"] == [RULES_FILE.name]
+    assert config["rule_files"] == [RULES_FILE.name, ALERTS_FILE.name]
 
 
 def test_grafana_service_provisions_the_dashboard_for_anonymous_viewers(compose: dict[str, Any]) -> None:
@@ -400,24 +402,14 @@ def test_images_are_pinned_and_build_targets_exist(compose: dict[str, Any]) -> N
 # --------------------------------------------------------------------------------------------------------------
 
 
-def promtool_binary() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool not found: install Debian's `prometheus` package (CI does) to check the config")
-    return found
-
-
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool_binary(), *args], capture_output=True, text=True, timeout=60)
-
-
 def test_promtool_check_config() -> None:
     result = promtool("check", "config", str(PROMETHEUS_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_check_rules() -> None:
-    result = promtool("check", "rules", str(RULES_FILE))
+@pytest.mark.parametrize("path", [RULES_FILE, ALERTS_FILE], ids=lambda p: p.name)
+def test_promtool_check_rules(path: Path) -> None:
+    result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
