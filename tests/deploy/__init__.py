@@ -118,6 +118,18 @@ def alerting_rules() -> dict[str, dict[str, Any]]:
     return {rule["alert"]: rule for group in read_yaml(ALERTS_FILE)["groups"] for rule in group["rules"]}
 
 
+def unhealthy_rules(groups: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    """(name, health, last error) of every rule that Prometheus's /api/v1/rules reports not healthy. A rule not
+    yet evaluated counts only in a group evaluated at least once a minute: the drift alert's group runs every
+    minute, and a test may ask before its first evaluation."""
+    return [
+        (rule["name"], rule["health"], rule.get("lastError"))
+        for group in groups
+        for rule in group["rules"]
+        if rule["health"] != "ok" and not (rule["health"] == "unknown" and group["interval"] >= 60)
+    ]
+
+
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     """Run Debian's promtool (the `prometheus` package, which CI installs); skips the test where it is absent."""
     binary = shutil.which("promtool")

@@ -32,7 +32,7 @@ import pytest
 
 from tests.server_process import free_port
 
-from . import REPO_ROOT, recording_rules
+from . import REPO_ROOT, recording_rules, unhealthy_rules
 from .engine import BASE_IMAGE, Engine, EngineUnavailableError, docker_engine
 from .test_live_prometheus import Traffic, has_data, query
 
@@ -259,7 +259,7 @@ def test_prometheus_scrapes_ride_and_every_recording_rule_returns_data(stack: St
             missing = ([] if up else ["up"]) + [name for name in names if not has_data(query(client, name))]
         rules = client.get("/api/v1/rules").json()["data"]["groups"]
     assert missing == [], f"no data after {DATA_TIMEOUT_S} s for: {missing}\n{stack.logs('prometheus')[-3000:]}"
-    assert [r["health"] for group in rules for r in group["rules"] if r["health"] != "ok"] == []
+    assert unhealthy_rules(rules) == []
 
 
 def test_down_drains_requests_in_flight_and_the_server_exits_0(stack: Stack) -> None:
