@@ -5,6 +5,7 @@ the rules. How rendering and validation work, and what is skipped where: tests/d
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_model_source_components(component: str, tmp_path: Path) -> None:
     """The documented alternatives to the model in the image render on top of an overlay and validate."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
-    relative = Path("..", "..", *[".."] * len(tmp_path.parts[1:]), *K8S_DIR.parts[1:])
+    relative = Path(os.path.relpath(K8S_DIR, overlay))
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
