@@ -254,6 +254,19 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def require_same_recipe(original: TrainConfig, new: TrainConfig, *, where: str) -> None:
+    """Refuse to continue the run ``where`` with a config that changes what it trains, naming every changed key.
+
+    Only the keys in RESUMABLE_CHANGES (how and where it runs) may differ.
+    """
+    changed = config_differences(original, new, ignore=RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"{where}: the config differs from the one the run started with, in " + "; ".join(changed) + ". Use the "
+            "original config (only runtime settings and data paths may change), or another --out folder"
+        )
+
+
 def config_differences(original: TrainConfig, new: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
     """``key: original -> new`` for every dotted key whose value differs, except the ``ignore`` keys."""
     before, after = _flatten(original.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.checkpoint import META_FILE, CheckpointError, load_meta
-from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
+from training.config import TrainConfig, require_same_recipe
 from training.run_folder import LOG_FILE
 
 MANIFEST_FILE = "manifest.json"  # written by the exporter, last, when the model folder is complete
@@ -123,12 +123,7 @@ def _check_same_recipe(cfg: TrainConfig, folder: Path) -> None:
     """A finished stage 1 is never taken for another recipe's: the same check as ``train --resume``."""
     if not (folder / META_FILE).is_file():
         return
-    changed = config_differences(load_meta(folder).config, cfg, ignore=RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            f"{folder} holds a run of another recipe; it differs in " + "; ".join(changed) + ". Use the original "
-            "config (only runtime settings and data paths may change) or another --out"
-        )
+    require_same_recipe(load_meta(folder).config, cfg, where=f"{folder} holds a run of another recipe")
 
 
 def _export(checkpoint: Path, model_dir: Path, data_dir: Path | None) -> None:

@@ -27,7 +27,7 @@ from training.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_differences
+from training.config import ConfigError, TrainConfig, require_same_recipe
 from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
 from training.distill import Teacher
 from training.evaluate import evaluate_model
@@ -161,14 +161,7 @@ def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _check_resumable(cfg: TrainConfig, meta: CheckpointMeta, data: LongTailData) -> None:
-    changed = config_differences(meta.config, cfg, ignore=RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(
-            "cannot resume: the config differs from the one the interrupted run started with, in "
-            + "; ".join(changed)
-            + ". Resume with the original config (only runtime settings and data paths may change), "
-            "or train into a new --out folder"
-        )
+    require_same_recipe(meta.config, cfg, where="cannot resume")
     if meta.class_names != data.class_names or meta.class_counts != data.class_counts:
         raise ConfigError("cannot resume: the training data (classes or counts) differ from the interrupted run")
     if meta.complete:
