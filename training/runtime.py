@@ -36,14 +36,19 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _cpu_capabilities() -> dict | None:
+    """torch's reading of the CPU (features, cores), or None on torch builds that lack it."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return get_capabilities() if get_capabilities is not None else None
+
+
 def cpu_runs_bf16_natively() -> bool:
     """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32.
 
     Machines of the same fleet differ (some have AVX2 only), so this is read at run time, never assumed.
     """
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is not None:
-        capabilities = get_capabilities()
+    capabilities = _cpu_capabilities()
+    if capabilities is not None:
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -65,8 +70,8 @@ def resolve_precision(choice: str, device: torch.device) -> torch.dtype:
 
 def default_num_threads() -> int:
     """Physical cores: a second hyper-thread per core slows oneDNN's convolutions down rather than up."""
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    physical = get_capabilities().get("num_physical_cores") if get_capabilities is not None else None
+    capabilities = _cpu_capabilities()
+    physical = capabilities.get("num_physical_cores") if capabilities is not None else None
     return int(physical) if physical else max(1, (os.cpu_count() or 1))
 
 
