@@ -86,6 +86,27 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def interrupted_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Iterator[None]:
+    """Inside the block, stage-1 training stops with KeyboardInterrupt when ``epoch`` starts (as Ctrl-C would),
+    after saving what came before; the block must raise it. Training runs normally again afterwards."""
+    from training import train as train_module
+
+    real_epoch = train_module.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if kwargs["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a whole test module (see :func:`one_torch_thread`); use it with

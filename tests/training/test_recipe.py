@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_config_dict
+from tests.conftest import interrupted_at_epoch, tiny_config_dict
 from training import recipe as recipe_module
 from training import train as train_module
 from training.checkpoint import load_meta
@@ -33,17 +33,8 @@ def test_recipe_resumes_an_interrupted_stage_1_then_routes_and_exports(
 ) -> None:
     cfg = _config(tiny_data_dir, tmp_path)
     out = tmp_path / "runs" / "tiny"
-    real_epoch = train_module.train_one_epoch
-
-    def interrupted(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 2):
         recipe_module.run_recipe(cfg, out=out)
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     capsys.readouterr()
 
     recipe_module.run_recipe(cfg, out=out, status_only=True)

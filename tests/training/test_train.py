@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import train as train_module
+from tests.conftest import interrupted_at_epoch
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
 from training.config import ConfigError, load_config
 from training.report import METRICS_FILE, PER_CLASS_PLOT
@@ -96,18 +96,9 @@ def test_resume_reproduces_the_uninterrupted_run(
     cfg = _config(tiny_data_dir, tmp_path, *extra)
     straight = train(cfg, out=tmp_path / "straight")
 
-    real_epoch = train_module.train_one_epoch
-
-    def interrupted(*args, **kwargs):
-        if kwargs["epoch"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 3):
         train(cfg, out=tmp_path / "resumed")
     assert load_meta(tmp_path / "resumed").epoch == 2 and not load_meta(tmp_path / "resumed").complete
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     train(cfg, out=tmp_path / "resumed", resume=True)
 
     _, expected = load_checkpoint(straight)
@@ -121,17 +112,8 @@ def test_resume_names_every_changed_key_and_accepts_runtime_changes(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     extra = (*TINY, "model.num_experts=2", "schedule.epochs=2", "runtime.checkpoint_every=1")
-    real_epoch = train_module.train_one_epoch
-
-    def interrupted(*args, **kwargs):
-        if kwargs["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_epoch(monkeypatch, 2):
         train(_config(tiny_data_dir, tmp_path, *extra), out=tmp_path / "run")
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
 
     changed = _config(tiny_data_dir, tmp_path, *extra, "optim.lr=0.05", "loss.max_margin=0.3")
     with pytest.raises(ConfigError) as error:
