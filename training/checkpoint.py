@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -58,8 +58,24 @@ class RouterInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     top_z: int
     hidden: int
+    shared_fc: bool = Field(True, description="One output layer W2 for all routers (False: one per router).")
     threshold: Threshold = Field(description="Chosen decision threshold; the service's default.")
     threshold_source: str = "default"
+
+
+class OfficialSource(BaseModel):
+    """Where an imported checkpoint came from: a file written by the official RIDE code (``import-official``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = Field(description="The official checkpoint's file name.")
+    sha256: str = Field(description="sha256 of that file.")
+    arch: str = Field(description="The official model class, e.g. ResNeXt50EAModel.")
+    epoch: int | None = Field(None, description="The epoch the official trainer saved.")
+    config: dict[str, Any] | None = Field(None, description="The official config (its ConfigParser's values).")
+    stand_ins: list[str] = Field(
+        default_factory=list, description="Globals of the file read as inert stand-ins (never imported or called)."
+    )
+    notes: list[str] = Field(default_factory=list, description="Where each setting came from, and what differs.")
 
 
 class CheckpointMeta(BaseModel):
@@ -81,6 +97,7 @@ class CheckpointMeta(BaseModel):
     router_config: RouterConfig | None = None
     metrics: CheckpointMetrics | None = None
     parent: str | None = Field(None, description="sha256 of the weights this checkpoint was trained from.")
+    imported_from: OfficialSource | None = Field(None, description="Set when imported from the official code.")
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
 
@@ -211,7 +228,8 @@ def routers_from_checkpoint(
         raise CheckpointError(
             f"checkpoint {meta.name!r} says it has routers but its weights hold no '{ROUTERS_PREFIX}' keys"
         )
-    routers = Routers(meta.model.num_experts, meta.num_classes, feature_dim, meta.routers.top_z, meta.routers.hidden)
+    info = meta.routers
+    routers = Routers(meta.model.num_experts, meta.num_classes, feature_dim, info.top_z, info.hidden, info.shared_fc)
     load_into(routers, state, f"router weights of checkpoint {meta.name!r}")
     return routers.eval()
 

@@ -49,7 +49,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal["ride_resnet32", "resnet32", "ride_resnet10", "ride_resnet50"] = "ride_resnet32"
+    arch: Literal["ride_resnet32", "resnet32", "ride_resnet10", "ride_resnet50", "ride_resnext50"] = "ride_resnet32"
     num_experts: int = Field(3, ge=1, le=8)
     reduce_dimension: bool = True
     share_stage2: bool = Field(False, description="CIFAR ResNet-32 only: share stage 2 as well as stem + stage 1.")

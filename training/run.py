@@ -1,4 +1,4 @@
-"""Command line: ``python -m training.run {train,evaluate,route,distill,recipe} ...``.
+"""Command line: ``python -m training.run {train,evaluate,route,distill,recipe,import-official} ...``.
 
 Every expected failure (bad config, bad data, bad checkpoint) ends with one ``error:`` line and exit status 2,
 never a traceback from deep inside torch.
@@ -91,6 +91,22 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_import_official(args: argparse.Namespace) -> None:
+    from training.official.importer import ImportOptions, import_official
+
+    options = ImportOptions(
+        arch=args.arch,
+        name=args.name,
+        data_dir=args.data_dir,
+        class_names=args.class_names,
+        class_counts=args.class_counts,
+        train_list=args.train_list,
+        overrides=tuple(args.overrides),
+    )
+    out = import_official(args.checkpoint, args.out, options)
+    print(f"imported {args.checkpoint} into {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--export", type=Path, help="model folder to export to (default DIR-model)")
     recipe.add_argument("--status", action="store_true", help="only say where the recipe stands")
     recipe.set_defaults(handler=cmd_recipe)
+
+    imports = commands.add_parser(
+        "import-official", help="a checkpoint folder from a checkpoint of the official RIDE code (.pth)"
+    )
+    imports.add_argument("--checkpoint", type=Path, required=True, help="the official checkpoint file (.pth)")
+    imports.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    imports.add_argument(
+        "--arch", help="official model class (e.g. ResNeXt50EAModel) when the file's own arch is missing or wrong"
+    )
+    imports.add_argument("--name", help="checkpoint name (default: the --out folder's name)")
+    imports.add_argument(
+        "--data-dir", type=Path, help="the dataset it was trained on: class names (and counts) are read from it"
+    )
+    imports.add_argument("--class-names", type=Path, metavar="FILE", help="class names, one per line, label order")
+    counts = imports.add_mutually_exclusive_group()
+    counts.add_argument("--class-counts", type=Path, metavar="FILE", help="training images per class, one per line")
+    counts.add_argument(
+        "--train-list", type=Path, metavar="FILE", help="the official training list (PATH LABEL lines), counted"
+    )
+    imports.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="a data setting, e.g. --set data.mean=[0.5,0.5,0.5] (repeatable)",
+    )
+    imports.set_defaults(handler=cmd_import_official)
     return parser
 
 

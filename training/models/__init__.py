@@ -6,7 +6,7 @@ from training.config import ModelConfig
 from training.models.blocks import BasicBlock, Bottleneck, Expert, ExpertOutputs, RIDEModel, ShortcutA
 from training.models.cosine import CosineClassifier, make_classifier
 from training.models.resnet_cifar import resnet32, ride_resnet32
-from training.models.resnet_imagenet import ride_resnet10, ride_resnet50
+from training.models.resnet_imagenet import ride_resnet10, ride_resnet50, ride_resnext50
 
 __all__ = [
     "BasicBlock",
@@ -22,6 +22,7 @@ __all__ = [
     "ride_resnet10",
     "ride_resnet32",
     "ride_resnet50",
+    "ride_resnext50",
 ]
 
 
@@ -42,4 +43,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> RIDEModel:
         return ride_resnet10(num_classes, cfg.num_experts, cfg.reduce_dimension, **head)
     if cfg.arch == "ride_resnet50":
         return ride_resnet50(num_classes, cfg.num_experts, cfg.reduce_dimension, **head)
+    if cfg.arch == "ride_resnext50":
+        return ride_resnext50(num_classes, cfg.num_experts, cfg.reduce_dimension, **head)
     raise ValueError(f"unknown arch '{cfg.arch}'")

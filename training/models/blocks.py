@@ -65,18 +65,26 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """conv1x1 - conv3x3(stride) - conv1x1 (x4 channels), each with BN, plus a projection shortcut (ResNet v1.5)."""
+    """conv1x1 - conv3x3(stride) - conv1x1 (x4 channels), each with BN, plus a projection shortcut (ResNet v1.5).
+
+    ``groups`` and ``base_width`` give the ResNeXt block: the inner width is ``int(planes * base_width / 64) *
+    groups`` and the 3x3 convolution is grouped, exactly as the reference's ``RIDEResNeXt`` computes it (32x4d:
+    groups 32, base_width 4). The defaults are the plain ResNet bottleneck (inner width = ``planes``).
+    """
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B") -> None:
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", groups: int = 1, base_width: int = 64
+    ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(in_planes, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride)
 
@@ -88,12 +96,19 @@ class Bottleneck(nn.Module):
 
 
 def make_stage(
-    block: type[BasicBlock | Bottleneck], in_planes: int, planes: int, num_blocks: int, stride: int, shortcut: str
+    block: type[BasicBlock | Bottleneck],
+    in_planes: int,
+    planes: int,
+    num_blocks: int,
+    stride: int,
+    shortcut: str,
+    **block_options: int,
 ) -> nn.Sequential:
-    """A stage of ``num_blocks`` blocks; only the first one strides (and changes width)."""
+    """A stage of ``num_blocks`` blocks; only the first one strides (and changes width). ``block_options`` go to
+    every block (``groups`` and ``base_width`` of a ResNeXt bottleneck)."""
     layers = []
     for i in range(num_blocks):
-        layers.append(block(in_planes, planes, stride if i == 0 else 1, shortcut))
+        layers.append(block(in_planes, planes, stride if i == 0 else 1, shortcut, **block_options))
         in_planes = planes * block.expansion
     return nn.Sequential(*layers)
 
