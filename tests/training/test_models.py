@@ -11,6 +11,7 @@ from torch import nn
 
 from training.config import ModelConfig
 from training.models import CosineClassifier, ExpertOutputs, RIDEModel, ShortcutA, build_model
+from training.models.router import Routers
 
 
 def _params(model: nn.Module) -> int:
@@ -37,6 +38,51 @@ def test_parameter_counts_match_reference(cfg: ModelConfig, expected: int) -> No
     assert _params(build_model(cfg, num_classes=100)) == expected
 
 
+# Measured on the official modules (model/model.py ResNet10Model / ResNet50Model / ResNeXt50Model and their
+# EA models, 1000 classes, reduce_dimension, NormedLinear; the EA models with top_choices_num 30 / 50 / 50).
+IMAGENET_COUNTS = {
+    # arch: (official class, {experts: params}, top-z, {experts: params with routers})
+    "ride_resnet10": (
+        "ResNet10Model",
+        {2: 6_372_416, 3: 9_401_792, 4: 12_431_168},
+        30,
+        {2: 6_378_623, 3: 9_414_159, 4: 12_449_695},
+    ),
+    "ride_resnet50": (
+        "ResNet50Model",
+        {2: 29_599_808, 3: 43_677_248, 4: 57_754_688},
+        50,
+        {2: 29_624_467, 3: 43_726_499, 4: 57_828_531},
+    ),
+    "ride_resnext50": (
+        "ResNeXt50Model",
+        {2: 29_063_488, 3: 42_889_024, 4: 56_714_560},
+        50,
+        {2: 29_088_147, 3: 42_938_275, 4: 56_788_403},
+    ),
+}
+
+
+@pytest.mark.parametrize("num_experts", [2, 3, 4])
+@pytest.mark.parametrize("arch", sorted(IMAGENET_COUNTS))
+def test_imagenet_parameter_counts_match_the_official_models(arch: str, num_experts: int) -> None:
+    _, plain, top_z, routed = IMAGENET_COUNTS[arch]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = build_model(ModelConfig(arch=arch, num_experts=num_experts), num_classes=1000)
+        routers = Routers(num_experts, 1000, model.feature_dim, top_z)
+    assert _params(model) == plain[num_experts]
+    assert _params(model) + _params(routers) == routed[num_experts]
+
+
+def test_resnext_experts_are_grouped_and_reduced() -> None:
+    with torch.device("meta"):
+        expert = build_model(ModelConfig(arch="ride_resnext50", num_experts=1), num_classes=1000).experts[0]
+    block = expert.features.layer3[1]
+    # 32 groups of width 12 (= 192 * 4 / 64): inner width 384, output 768; full width would be 512 / 1024.
+    assert (block.conv2.groups, block.conv2.in_channels, block.conv3.out_channels) == (32, 384, 768)
+    assert expert.features.layer4[0].conv2.weight.shape == (768, 24, 3, 3)
+
+
 @pytest.mark.parametrize("num_experts", range(1, 9))
 def test_one_to_eight_experts(num_experts: int) -> None:
     model = build_model(ModelConfig(num_experts=num_experts), num_classes=10).eval()
@@ -58,6 +104,7 @@ def test_one_to_eight_experts(num_experts: int) -> None:
         (ModelConfig(arch="ride_resnet10", num_experts=2), 64, 384, (128, 8, 8)),
         (ModelConfig(arch="ride_resnet50", num_experts=2), 64, 1536, (512, 8, 8)),
         (ModelConfig(arch="ride_resnet50", num_experts=1, reduce_dimension=False), 64, 2048, (512, 8, 8)),
+        (ModelConfig(arch="ride_resnext50", num_experts=2), 64, 1536, (512, 8, 8)),
     ],
 )
 def test_forward_shapes(cfg: ModelConfig, image_size: int, feature_dim: int, trunk_shape: tuple[int, ...]) -> None:
