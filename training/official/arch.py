@@ -200,14 +200,16 @@ def _router_info(
 
 
 def _expected_state(model: ModelConfig, num_classes: int, routers: RouterInfo | None) -> dict[str, torch.Tensor]:
-    """Our model's (and routers') state dict for this description: names and shapes to check the file against."""
-    built = build_model(model, num_classes)
-    state = dict(built.state_dict())
-    if routers is not None:
-        router_module = Routers(
-            model.num_experts, num_classes, built.feature_dim, routers.top_z, routers.hidden, routers.shared_fc
-        )
-        state.update({f"routers.{key}": value for key, value in router_module.state_dict().items()})
+    """Our model's (and routers') state dict for this description: names and shapes to check the file against
+    (built on the meta device: shapes only, no memory, no initialisation)."""
+    with torch.device("meta"):
+        built = build_model(model, num_classes)
+        state = dict(built.state_dict())
+        if routers is not None:
+            router_module = Routers(
+                model.num_experts, num_classes, built.feature_dim, routers.top_z, routers.hidden, routers.shared_fc
+            )
+            state.update({f"routers.{key}": value for key, value in router_module.state_dict().items()})
     return state
 
 

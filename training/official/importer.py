@@ -120,10 +120,12 @@ def _data_settings(config: dict[str, Any] | None, arch: OfficialArch, notes: lis
     loader = _section(config, "data_loader")
     official = OFFICIAL_DATASETS.get(loader.get("type"))
     if official is None:
-        notes.append(
-            f"data: official data loader {loader.get('type')!r} is not one the official code ships; input size "
-            f"{arch.image_size} from the architecture"
+        what = (
+            "the file has no data_loader config"
+            if not loader
+            else f"data loader {loader.get('type')!r} is not official"
         )
+        notes.append(f"data: {what}; input size {arch.image_size} from the architecture")
         return {"dataset": "folder", "image_size": arch.image_size, "imbalance_profile": "none"}
     args = _section(loader, "args")
     imb_factor = float(args.get("imb_factor", official.default_imb_factor))
@@ -173,6 +175,12 @@ def _class_names(options: ImportOptions, found: tuple[list[str], list[int]] | No
         "the checkpoint holds no class names: give --class-names FILE (one name per line, in label order) or "
         "--data-dir with the dataset it was trained on"
     )
+
+
+def _checked_length(values: list, num_classes: int, what: str) -> list:
+    if len(values) != num_classes:
+        raise CheckpointError(f"{len(values)} {what} for a checkpoint with {num_classes} classes")
+    return values
 
 
 def _counts_from_list(path: Path, num_classes: int) -> list[int]:
@@ -291,11 +299,9 @@ def import_official(checkpoint: Path, out: Path, options: ImportOptions | None =
         data["root"] = str(options.data_dir)
     cfg = _train_config(options.name or out.name, imported, data, config, options)
     found = None if options.data_dir is None else _dataset_classes(cfg.data.dataset, Path(options.data_dir))
-    names = _class_names(options, found, notes)
+    names = _checked_length(_class_names(options, found, notes), imported.num_classes, "class names")
     counts = _class_counts(options, cfg.data.model_dump(), found, imported.num_classes, notes)
-    for what, values in (("class names", names), ("class counts", counts)):
-        if len(values) != imported.num_classes:
-            raise CheckpointError(f"{len(values)} {what} for a checkpoint with {imported.num_classes} classes")
+    counts = _checked_length(counts, imported.num_classes, "class counts")
 
     epoch = content.get("epoch") if isinstance(content.get("epoch"), int) else None
     planned = _section(config, "trainer").get("epochs")
