@@ -46,7 +46,6 @@ class OfficialDataset:
     """An official data loader (``data_loader/*.py``) in our terms."""
 
     dataset: str  # our data.dataset
-    images_per_class: int | None  # the balanced source set's size per class; None: the counts are not a formula
     profile: str  # long-tail profile applied to it
     default_imb_factor: float  # the loader's imb_factor (images of the rarest class / the most common)
     image_size: int
@@ -56,21 +55,25 @@ class OfficialDataset:
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_TRAIN_IMAGES = 50_000  # both CIFAR training sets are balanced: 5,000 or 500 images per class
 CENTER_CROP_NOTE = (
     "the official test transform is Resize(256) + CenterCrop(224); this format resizes the whole image to "
     "224x224 (no crop), so inputs differ slightly from the official evaluation"
 )
 OFFICIAL_DATASETS = {
-    "ImbalanceCIFAR10DataLoader": OfficialDataset("cifar10", 5000, "exp", 0.01, 32, CIFAR10_MEAN, CIFAR10_STD),
-    "ImbalanceCIFAR100DataLoader": OfficialDataset("cifar100", 500, "exp", 0.01, 32, CIFAR10_MEAN, CIFAR10_STD),
+    "ImbalanceCIFAR10DataLoader": OfficialDataset("cifar10", "exp", 0.01, 32, CIFAR10_MEAN, CIFAR10_STD),
+    "ImbalanceCIFAR100DataLoader": OfficialDataset("cifar100", "exp", 0.01, 32, CIFAR10_MEAN, CIFAR10_STD),
     "CIFAR100DataLoader": OfficialDataset(
-        "cifar100", 500, "none", 1.0, 32, (0.50708, 0.48655, 0.44092), (0.26733, 0.25644, 0.27615)
+        "cifar100",
+        "none",
+        1.0,
+        32,
+        (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
+        (0.2673342858792401, 0.2564384629170883, 0.27615047132568404),
     ),
-    "ImageNetLTDataLoader": OfficialDataset(
-        "folder", None, "none", 1.0, 224, IMAGENET_MEAN, IMAGENET_STD, CENTER_CROP_NOTE
-    ),
+    "ImageNetLTDataLoader": OfficialDataset("folder", "none", 1.0, 224, IMAGENET_MEAN, IMAGENET_STD, CENTER_CROP_NOTE),
     "iNaturalistDataLoader": OfficialDataset(
-        "folder", None, "none", 1.0, 224, (0.466, 0.471, 0.380), (0.195, 0.194, 0.192), CENTER_CROP_NOTE
+        "folder", "none", 1.0, 224, (0.466, 0.471, 0.380), (0.195, 0.194, 0.192), CENTER_CROP_NOTE
     ),
 }
 EQUAL_THRESHOLD_NOTE = (
@@ -157,7 +160,7 @@ def _dataset_classes(dataset: str, root: Path) -> tuple[list[str], list[int]] | 
     official CIFAR batches (balanced: 5000 or 500 per class) or an image folder (its files are counted)."""
     if dataset in ("cifar10", "cifar100") and find_cifar_dir(root, dataset) is not None:
         names = cifar_class_names(root, dataset)
-        return names, [50000 // len(names)] * len(names)
+        return names, [CIFAR_TRAIN_IMAGES // len(names)] * len(names)
     if (root / "train").is_dir():
         index = scan_image_folder(root)
         return index.classes, np.bincount(index.train_labels, minlength=len(index.classes)).tolist()
@@ -216,14 +219,16 @@ def _class_counts(
     if found is not None:
         available = found[1]
     elif data["dataset"] in ("cifar10", "cifar100"):
-        available = [50000 // num_classes] * num_classes
+        available = [CIFAR_TRAIN_IMAGES // num_classes] * num_classes
     if available is None or len(available) != num_classes:
         raise CheckpointError(
             "the checkpoint's training counts per class are not a formula of its config: give --class-counts FILE "
             "(one count per line) or --train-list with the official list (e.g. ImageNet_LT_train.txt)"
         )
-    profile, factor = data.get("imbalance_profile", "exp"), float(data.get("imbalance_factor", 100.0))
-    notes.append(f"class counts: {profile} long tail with imbalance factor {factor:g} of {sum(available)} images")
+    profile, factor = data["imbalance_profile"], float(data["imbalance_factor"])
+    source = f"the dataset at {options.data_dir}" if found is not None else f"{data['dataset']}'s balanced training set"
+    shape = "as they are" if profile == "none" else f"with the {profile} long tail of imbalance factor {factor:g}"
+    notes.append(f"class counts: {source}, {shape}")
     return longtail_counts(available, num_classes, profile, factor)
 
 

@@ -155,14 +155,15 @@ def _globals_in(path: Path) -> list[str]:
     try:
         return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except pickle.UnpicklingError as error:
-        # Its opcode reader knows exactly the opcodes torch.save writes (protocol 2); anything else is foreign.
+        # Its opcode reader knows the opcodes of torch.save's default pickle protocol (2), which the official
+        # trainer uses; anything else is refused rather than interpreted.
         raise UnsafePickleError(
-            f"refused {path}: its pickle uses an instruction that torch.save never writes ({error})"
+            f"refused {path}: its pickle uses an instruction that torch.save's default protocol never writes ({error})"
         ) from None
     except (ValueError, RuntimeError, zipfile.BadZipFile) as error:
         raise CheckpointError(
             f"{path} is not a checkpoint written by torch.save (a zip archive with data.pkl): {error}. Files from "
-            "torch < 1.6 (the legacy format) are not supported: load and re-save them with a newer torch first"
+            "torch < 1.6 (the legacy format) are not supported: re-save them with a newer torch where you trust them"
         ) from None
 
 
