@@ -20,13 +20,13 @@ EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError)
 
 def _config_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--config", type=Path, required=required, help="TOML config file (see configs/)")
+    _set_argument(parser, "override one config value, e.g. --set schedule.epochs=20")
+
+
+def _set_argument(parser: argparse.ArgumentParser, help_text: str, metavar: str = "KEY=VALUE") -> None:
+    """The repeatable ``--set KEY=VALUE`` option, collected into ``args.overrides``."""
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set schedule.epochs=20 (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar=metavar, help=f"{help_text} (repeatable)"
     )
 
 
@@ -128,14 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument(
         "--config", type=Path, help="TOML config (default: the checkpoint's own); [model] must match the checkpoint"
     )
-    route.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set router.pos_weight=50 (repeatable)",
-    )
+    _set_argument(route, "override one config value, e.g. --set router.pos_weight=50")
     _common_arguments(route)
     route.add_argument("--out", type=Path, help="routed checkpoint folder (default: <checkpoint>-routers)")
     choice = route.add_mutually_exclusive_group()
@@ -185,14 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     counts.add_argument(
         "--train-list", type=Path, metavar="FILE", help="the official training list (PATH LABEL lines), counted"
     )
-    imports.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="data.KEY=VALUE",
-        help="a data setting, e.g. --set data.mean=[0.5,0.5,0.5] (repeatable)",
-    )
+    _set_argument(imports, "a data setting, e.g. --set data.mean=[0.5,0.5,0.5]", metavar="data.KEY=VALUE")
     imports.set_defaults(handler=cmd_import_official)
     return parser
 
