@@ -25,17 +25,15 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from official_code import official_cifar_model, official_ride_loss
 
 from training.config import TrainConfig, load_config
 from training.data import BatchAugment, LongTailData, iterate_batches, load_data, normalize
@@ -109,49 +107,15 @@ def _endless_batches(num_items: int, batch: int) -> Iterator[torch.Tensor]:
         yield from iterate_batches(num_items, batch, shuffle=True, seed=0, epoch=epoch, drop_last=True)
 
 
-@contextlib.contextmanager
-def _cuda_calls_stay_on_cpu() -> Iterator[None]:
-    """The official RIDELoss calls ``.cuda()`` in its constructor (REFERENCE-RIDE.md trap 16); on a CPU-only
-    torch that raises. For the bench only, make that one call a no-op while the loss is built."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original  # type: ignore[method-assign]
-
-
-def _load_module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_official_step(checkout: Path, cfg: TrainConfig, data: LongTailData, threads: int) -> Callable[[], int]:
     """The official model + loss + SGD step, fp32 NCHW, on one pre-made normalised batch.
 
     Only the two files the step needs are loaded (by path, so the checkout's package imports of tensorboard,
     pandas and torchvision are not needed); nothing is copied from them.
     """
-    resnets = _load_module(checkout / "model" / "ldam_drw_resnets" / "ride_resnet_cifar.py", "official_ride_resnet")
-    losses = _load_module(checkout / "model" / "loss.py", "official_loss")
     torch.manual_seed(0)
-    model = resnets.ResNet_s(
-        resnets.BasicBlock,
-        [5, 5, 5],
-        num_experts=cfg.model.num_experts,
-        num_classes=data.num_classes,
-        reduce_dimension=True,
-        use_norm=True,
-        s=30,
-    ).train()
-    with _cuda_calls_stay_on_cpu():
-        criterion = losses.RIDELoss(
-            cls_num_list=data.class_counts, additional_diversity_factor=-0.45, reweight=True, reweight_epoch=160
-        )
+    model = official_cifar_model(checkout, cfg, data.num_classes).train()
+    criterion = official_ride_loss(checkout, cfg, data.class_counts, drw_epoch=160)
     criterion._hook_before_epoch(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     batch = cfg.optim.batch_size
