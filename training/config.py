@@ -110,12 +110,27 @@ class RuntimeConfig(_Section):
         "fp32 elsewhere. Evaluation always runs in fp32.",
     )
     channels_last: bool = Field(True, description="NHWC memory layout for the convolutions (faster in oneDNN/cuDNN).")
-    compile: bool = Field(False, description="torch.compile (inductor) the training forward; pays off on long runs.")
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor, static shapes: one graph for the full batch, one for the epoch's "
+        "last) the training forward; minutes of warm-up, pays off on long runs.",
+    )
     fused_optimizer: bool = Field(True, description="Fused SGD step (one kernel over all parameters).")
     checkpoint_every: int = Field(2, ge=1, description="Save a resumable state every N epochs.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: physical cores.")
     eval_batch_size: int = Field(
         512, ge=1, description="Evaluation batch (no gradients kept); larger batches measured slower on CPU caches."
+    )
+    log_every: int = Field(
+        10,
+        ge=0,
+        description="Training steps between progress-bar updates, each of which reads the running loss back to "
+        "the host (a GPU sync); 0: only at the end of each epoch.",
+    )
+    sync_batchnorm: bool = Field(
+        False,
+        description="Under torchrun on GPUs, batch-norm statistics over the global batch (SyncBatchNorm) instead "
+        "of each process's share. CUDA only.",
     )
 
     @model_validator(mode="before")
@@ -239,6 +254,8 @@ RESUMABLE_CHANGES = (
     "runtime.checkpoint_every",
     "runtime.num_threads",
     "runtime.eval_batch_size",
+    "runtime.log_every",
+    "runtime.sync_batchnorm",
     "data.root",
     "data.cache_dir",
 )

@@ -17,7 +17,7 @@ import torch
 
 from cascade import CostModel
 from training.checkpoint import CheckpointMeta
-from training.data import ImageSet, LongTailData, normalize
+from training.data import ImageSet, LongTailData, channel_vector, normalize
 from training.macs import cascade_cost
 from training.metrics import (
     AccuracyMetrics,
@@ -44,17 +44,19 @@ def predict(
     device: torch.device,
     batch_size: int = 512,
 ) -> ExpertOutputs:
-    """Per-expert logits and features for ``uint8`` images, in eval mode and fp32, gathered on the CPU."""
+    """Per-expert logits and features for ``uint8`` images (on any device), in eval mode and fp32, returned on the
+    CPU. The outputs are gathered on ``device`` and copied back once, so the device never waits for the host
+    between batches."""
     model.eval()
     logits, features = [], []
+    mean_t, std_t = channel_vector(mean, device), channel_vector(std, device)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = normalize(images[start : start + batch_size].to(device), mean, std)
-            out = model(batch)
-            logits.append(out.logits.float().cpu())
-            features.append(out.features.float().cpu())
+            out = model(normalize(images[start : start + batch_size].to(device), mean_t, std_t))
+            logits.append(out.logits.float())
+            features.append(out.features.float())
     # Concatenated outside inference mode, so callers get ordinary tensors they may modify in place.
-    return ExpertOutputs(torch.cat(logits), torch.cat(features))
+    return ExpertOutputs(torch.cat(logits).cpu(), torch.cat(features).cpu())
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

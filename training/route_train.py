@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from training.checkpoint import CheckpointMeta
 from training.config import ConfigError, TrainConfig
-from training.data import BatchAugment, ImageSet, balanced_indices
+from training.data import BatchAugment, ImageSet, augment_generator, balanced_indices
 from training.models import RIDEModel
 from training.models.blocks import init_weights
 from training.models.router import Routers
@@ -62,7 +62,7 @@ def routing_loss(
     num_experts = expert_logits.shape[1]
     targets = router_targets(expert_logits, labels).float()
     running_mean = _running_means(expert_logits)
-    weight = torch.tensor(pos_weight, device=expert_logits.device)
+    weight = expert_logits.new_full((), pos_weight)  # made on the device: no copy from the host per step
     total = expert_logits.new_zeros(())
     for k in range(1, num_experts):
         logit = routers(k, running_mean[:, k - 1], expert_features[:, k - 1])
@@ -103,8 +103,10 @@ def train_routers(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``routers`` on ``model``'s (frozen, eval-mode) outputs; return one log record per epoch (also appended
-    to the log of the run folder ``out``, if given)."""
+    to the log of the run folder ``out``, if given). ``model``, ``routers`` and the images go to ``device`` once;
+    the steps then never wait for it."""
     freeze_backbone(model)
+    on_device = ImageSet(train_set.images.to(device), train_set.labels.to(device))
     optimizer = torch.optim.SGD(
         routers.parameters(),
         lr=cfg.router.lr,
@@ -117,7 +119,7 @@ def train_routers(
         lr = cosine_lr(cfg.router.lr, epoch, cfg.router.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        record = _router_epoch(model, routers, optimizer, train_set, cfg, epoch=epoch, device=device)
+        record = _router_epoch(model, routers, optimizer, on_device, train_set.labels, cfg, epoch=epoch)
         records.append(record)
         if out is not None:
             append_log(out, record)
@@ -130,21 +132,23 @@ def _router_epoch(
     routers: Routers,
     optimizer: torch.optim.Optimizer,
     train_set: ImageSet,
+    host_labels: Tensor,
     cfg: TrainConfig,
     *,
     epoch: int,
-    device: torch.device,
 ) -> dict[str, Any]:
-    """One epoch of class-balanced, augmented batches; returns the epoch's log record."""
+    """One epoch of class-balanced, augmented batches of ``train_set`` (on the device; ``host_labels`` are its
+    labels on the CPU, where the epoch's order is drawn); returns the epoch's log record."""
     routers.train()
+    device = train_set.images.device
     augment = BatchAugment.from_config(cfg.data)
-    generator = torch.Generator().manual_seed(epoch_seed(cfg.runtime.seed, epoch))
-    order = balanced_indices(train_set.labels, len(train_set), cfg.runtime.seed, epoch)
-    totals = torch.zeros(2 + routers.num_experts - 1, dtype=torch.float64)  # loss sum, images, positives
+    generator = augment_generator(device, epoch_seed(cfg.runtime.seed, epoch))
+    order = balanced_indices(host_labels, len(train_set), cfg.runtime.seed, epoch).to(device)
+    totals = torch.zeros(2 + routers.num_experts - 1, dtype=torch.float64, device=device)  # loss sum, images, positives
     started = time.perf_counter()
     for indices in order.split(cfg.router.batch_size):
-        images = augment(train_set.images[indices].to(device, non_blocking=True), generator)
-        labels = train_set.labels[indices].to(device, non_blocking=True)
+        images = augment(train_set.images[indices], generator)
+        labels = train_set.labels[indices]
         # fp32 whatever runtime.precision says: the routers must learn on the inputs the served fp32 graphs give.
         with torch.no_grad():
             outputs = model(images)
@@ -154,14 +158,17 @@ def _router_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        batch = torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64)
-        totals += torch.cat([batch, targets.sum(dim=0).double().cpu()])
+        with torch.no_grad():
+            totals[0] += loss.detach().double() * len(labels)
+            totals[1] += len(labels)
+            totals[2:] += targets.sum(dim=0)
+    loss_sum, images_seen, *positives = totals.tolist()
     return {
         "stage": "routers",
         "epoch": epoch,
         "lr": optimizer.param_groups[0]["lr"],
-        "loss": totals[0].item() / totals[1].item(),
-        "positive_rate": (totals[2:] / totals[1]).tolist(),
-        "images": int(totals[1].item()),
+        "loss": loss_sum / images_seen,
+        "positive_rate": [p / images_seen for p in positives],
+        "images": int(images_seen),
         "seconds": time.perf_counter() - started,
     }

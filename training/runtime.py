@@ -92,6 +92,10 @@ def describe_execution(cfg: RuntimeConfig, device: torch.device) -> str:
 def start_runtime(device_choice: str, num_threads: int | None = None) -> Runtime:
     """Set up the device and, when launched by torchrun (WORLD_SIZE > 1), the process group."""
     device = resolve_device(device_choice)
+    if device.type == "cuda":
+        # Batch shapes repeat every step (the last batch of an epoch is one more shape), so cuDNN's one-off
+        # benchmark of each convolution's algorithms pays for itself within the first epoch.
+        torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         # torchrun starts LOCAL_WORLD_SIZE processes on this host: they share its cores.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -114,6 +118,13 @@ def stop_runtime(runtime: Runtime) -> None:
 
 
 def all_reduce_sum(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The sum of ``values`` over the processes (``values`` itself in a single process).
+
+    ``values`` must live on the training device, whatever the backend: NCCL reduces only CUDA tensors, and a rule
+    that held only under NCCL would let a CPU-only test (gloo) pass code that crashes on GPUs.
+    """
+    if values.device != runtime.device:
+        raise ValueError(f"reduce on the training device {runtime.device}, not on {values.device}")
     if runtime.distributed:
         values = values.clone()
         dist.all_reduce(values)

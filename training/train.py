@@ -9,6 +9,7 @@ teacher's knowledge-distillation term is added to the loss of every batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,16 @@ from training.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from training.config import ConfigError, TrainConfig, require_same_recipe
-from training.data import BatchAugment, ImageSet, LongTailData, class_groups, iterate_batches, load_data
+from training.config import ConfigError, RuntimeConfig, TrainConfig, require_same_recipe
+from training.data import (
+    BatchAugment,
+    ImageSet,
+    LongTailData,
+    augment_generator,
+    class_groups,
+    iterate_batches,
+    load_data,
+)
 from training.distill import Teacher
 from training.evaluate import evaluate_model
 from training.losses import ExpertLoss, build_loss
@@ -45,8 +54,6 @@ from training.runtime import (
     stop_runtime,
 )
 from training.schedule import ResolvedSchedule, drw_epoch, lr_factor, resolve_schedule
-
-PROGRESS_EVERY = 10  # steps between progress-bar updates (each one reads the statistics back to the host)
 
 
 @dataclass
@@ -66,6 +73,26 @@ def logit_scale(cfg: TrainConfig) -> float:
     return cfg.model.scale if cfg.model.classifier == "cosine" else 1.0
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``, or nothing at all for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def epoch_batches(num_items: int, cfg: TrainConfig, epoch: int, runtime: Runtime) -> list[torch.Tensor]:
+    """This process's index batches for ``epoch``, on the training device (one copy per epoch).
+
+    Each process takes its share of the global batch, so the global batch is the same at any world size. Under DDP
+    a last batch with fewer images than processes is skipped by all of them (at most world_size - 1 images of an
+    epoch): a process with no image would log a NaN loss and pull the averaged gradient towards zero.
+    """
+    batches = iterate_batches(
+        num_items, cfg.optim.batch_size, shuffle=True, seed=cfg.runtime.seed, epoch=epoch, device=runtime.device
+    )
+    return [b[runtime.rank :: runtime.world_size] for b in batches if len(b) >= runtime.world_size]
+
+
 def train_one_epoch(
     model: nn.Module,
     loss_fn: ExpertLoss,
@@ -79,25 +106,25 @@ def train_one_epoch(
     progress: bool,
     teacher: Teacher | None = None,
 ) -> EpochStats:
+    """One epoch over ``train_set`` (on the training device). The step never waits for the device: batches,
+    random numbers and statistics all stay there, and only the progress bar (every ``runtime.log_every`` steps)
+    and the end of the epoch read numbers back."""
     model.train()
-    generator = torch.Generator().manual_seed(epoch_seed(cfg.runtime.seed, epoch, runtime.rank))
-    batches = iterate_batches(
-        len(train_set), cfg.optim.batch_size, shuffle=True, seed=cfg.runtime.seed, epoch=epoch, drop_last=False
-    )
     device = runtime.device
+    generator = augment_generator(device, epoch_seed(cfg.runtime.seed, epoch, runtime.rank))
+    batches = epoch_batches(len(train_set), cfg, epoch, runtime)
     compute_dtype = resolve_precision(cfg.runtime.precision, device)
+    log_every = cfg.runtime.log_every if progress else 0
     # Statistics stay on the training device: no host sync per step, and NCCL reduces only device tensors.
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
     started = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.schedule.epochs}", leave=False, disable=not progress, unit="batch")
     for step, indices in enumerate(bar):
-        # Each rank takes its share of the global batch, so the global batch is the same at any world size.
-        indices = indices[runtime.rank :: runtime.world_size]
-        images = augment(train_set.images[indices].to(device, non_blocking=True), generator)
+        images = augment(train_set.images[indices], generator)
         if cfg.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = train_set.labels[indices].to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        targets = train_set.labels[indices]
+        with autocast(device, compute_dtype):
             outputs = model(images)
             teacher_mean = teacher.mean_logits(images) if teacher is not None else None
         loss = loss_fn(outputs.logits.float(), targets)
@@ -111,16 +138,16 @@ def train_one_epoch(
             totals[0] += loss.detach() * len(targets)
             totals[1] += correct
             totals[2] += len(targets)
-        if progress and step % PROGRESS_EVERY == 0:
+        if log_every and step % log_every == 0:
             seen = totals[2].item()
             bar.set_postfix(
                 loss=f"{totals[0].item() / max(seen, 1):.3f}",
                 lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                 img_s=f"{seen * runtime.world_size / (time.perf_counter() - started):.0f}",
             )
-    totals = all_reduce_sum(totals, runtime).cpu()
+    loss_sum, correct, images = all_reduce_sum(totals, runtime).tolist()
     seconds = time.perf_counter() - started
-    return EpochStats(totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item(), int(totals[2]), seconds)
+    return EpochStats(loss_sum / images, correct / images, int(images), seconds)
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:
@@ -205,6 +232,8 @@ def _train(
     cfg: TrainConfig, *, out: Path, data_dir: Path | None, resume: bool, runtime: Runtime, teacher: Teacher | None
 ) -> Path:
     run = _setup(cfg, out=out, data_dir=data_dir, resume=resume, runtime=runtime, teacher=teacher)
+    if runtime.is_main:
+        _print_start(run)
     _run_epochs(run)
     if runtime.is_main:
         _finish(run)
@@ -238,17 +267,6 @@ def _setup(
     )
     start_epoch = _restore(cfg, out, data, model, optimizer, teacher) if resume else 1
     loss_fn.to(runtime.device)
-    net: nn.Module = DistributedDataParallel(model) if runtime.distributed else model
-    if cfg.runtime.compile:
-        # Evaluation and checkpoints use `model` itself; only the training forward goes through the compiled one.
-        net = torch.compile(net)
-    if runtime.is_main:
-        print(
-            f"training {cfg.name}: {cfg.model.arch} x{cfg.model.num_experts} on {len(data.train)} images "
-            f"({data.num_classes} classes), epochs {start_epoch}..{schedule.epochs}, device {runtime.device}"
-            + (f", {runtime.world_size} processes" if runtime.distributed else "")
-            + f", {describe_execution(cfg.runtime, runtime.device)}"
-        )
     return TrainingRun(
         cfg=cfg,
         out=out,
@@ -256,13 +274,41 @@ def _setup(
         schedule=schedule,
         data=data,
         model=model,
-        net=net,
+        net=training_forward(model, cfg.runtime, runtime),
         loss_fn=loss_fn,
         optimizer=optimizer,
         train_set=ImageSet(data.train.images.to(runtime.device), data.train.labels.to(runtime.device)),
         augment=BatchAugment.from_config(cfg.data),
         start_epoch=start_epoch,
         teacher=teacher,
+    )
+
+
+def training_forward(model: RIDEModel, cfg: RuntimeConfig, runtime: Runtime) -> nn.Module:
+    """What the training step calls: ``model``, with SyncBatchNorm and wrapped for DDP under torchrun, and compiled
+    when asked. Evaluation and checkpoints use ``model`` itself (SyncBatchNorm in eval mode is plain batch norm,
+    with the same state dict)."""
+    if cfg.sync_batchnorm and runtime.device.type != "cuda":
+        raise ConfigError("runtime.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU kernels)")
+    if cfg.sync_batchnorm and runtime.distributed:
+        # In place: the SyncBatchNorm modules take over the same parameters (the optimizer's) and buffers.
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net: nn.Module = DistributedDataParallel(model) if runtime.distributed else model
+    if cfg.compile:
+        # Static shapes: exactly two graphs (the full batch and the epoch's last, shorter one) instead of a dynamic
+        # graph that the full batches would then share. The mode switches the training step sees (train/eval
+        # around evaluation, DRW in the loss, which is not compiled) keep their guards; tests/training check this.
+        net = torch.compile(net, dynamic=False)
+    return net
+
+
+def _print_start(run: TrainingRun) -> None:
+    cfg, runtime, data = run.cfg, run.runtime, run.data
+    print(
+        f"training {cfg.name}: {cfg.model.arch} x{cfg.model.num_experts} on {len(data.train)} images "
+        f"({data.num_classes} classes), epochs {run.start_epoch}..{run.schedule.epochs}, device {runtime.device}"
+        + (f", {runtime.world_size} processes" if runtime.distributed else "")
+        + f", {describe_execution(cfg.runtime, runtime.device)}"
     )
 
 

@@ -2,8 +2,10 @@
 
 Matches the reference pipeline (../shared/REFERENCE-RIDE.md 1.3): RandomCrop(size, padding) with zero fill,
 horizontal flip with p = 0.5, RandomRotation(degrees) with nearest sampling and zero fill, then /255 and
-Normalize (`training.data.preprocess.normalize`). Random numbers come only from the CPU generator passed in, so
-a run is reproducible on any device.
+Normalize (`training.data.preprocess.normalize`). Random numbers come only from the generator passed in and are
+drawn on the images' device, which must be the generator's (:func:`augment_generator`): on a GPU nothing is
+copied from the host per batch, and the same seed gives the same batch on the same kind of device. (A CPU and a
+CUDA generator produce different streams; a run is reproducible, and resumable exactly, on one kind of device.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from training.config import DataConfig
-from training.data.preprocess import normalize
+from training.data.preprocess import channel_vector, normalize
+
+
+def augment_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``: augmentation draws its random numbers where the images are."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def random_crop(images: torch.Tensor, size: int, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -24,8 +31,8 @@ def random_crop(images: torch.Tensor, size: int, padding: int, generator: torch.
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
     if height + 2 * padding < size or width + 2 * padding < size:
         raise ValueError(f"cannot crop {size}x{size} from {height}x{width} images padded by {padding}")
-    top = torch.randint(0, height + 2 * padding - size + 1, (batch,), generator=generator).to(images.device)
-    left = torch.randint(0, width + 2 * padding - size + 1, (batch,), generator=generator).to(images.device)
+    top = torch.randint(0, height + 2 * padding - size + 1, (batch,), generator=generator, device=images.device)
+    left = torch.randint(0, width + 2 * padding - size + 1, (batch,), generator=generator, device=images.device)
     steps = torch.arange(size, device=images.device)
     rows = (top[:, None] + steps)[:, :, None]  # [B, size, 1]
     cols = (left[:, None] + steps)[:, None, :]  # [B, 1, size]
@@ -36,7 +43,7 @@ def random_crop(images: torch.Tensor, size: int, padding: int, generator: torch.
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 0.5."""
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
@@ -51,7 +58,7 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate each float image by an angle drawn uniformly from [-max_degrees, max_degrees]."""
-    angles = (torch.rand(len(images), generator=generator) * 2.0 - 1.0) * max_degrees
+    angles = (torch.rand(len(images), generator=generator, device=images.device) * 2.0 - 1.0) * max_degrees
     return rotate(images, angles)
 
 
@@ -74,6 +81,8 @@ class BatchAugment:
         self.rotation_degrees = rotation_degrees
         self.mean = tuple(mean)
         self.std = tuple(std)
+        # The statistics as tensors, made once per device rather than copied from the host for every batch.
+        self._statistics: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> BatchAugment:
@@ -96,4 +105,7 @@ class BatchAugment:
         if self.rotation_degrees > 0:
             # Rotating the raw pixel values with zero fill matches torchvision: the fill is black, not the mean.
             images = random_rotate(images.float(), self.rotation_degrees, generator)
-        return normalize(images, self.mean, self.std)
+        if images.device not in self._statistics:
+            device = images.device
+            self._statistics[device] = (channel_vector(self.mean, device), channel_vector(self.std, device))
+        return normalize(images, *self._statistics[images.device])

@@ -19,12 +19,25 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def iterate_batches(
-    num_items: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bool = False
+    num_items: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    drop_last: bool = False,
+    device: torch.device | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield int64 index batches covering ``range(num_items)`` once, shuffled per (seed, epoch) if asked."""
+    """Yield int64 index batches covering ``range(num_items)`` once, shuffled per (seed, epoch) if asked.
+
+    The order is drawn on the CPU (the same on every device) and, with ``device``, copied there once for the epoch:
+    the batches are then slices of a device tensor, and indexing device data with them needs no copy per batch.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = torch.randperm(num_items, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(num_items)
+    if device is not None:
+        order = order.to(device)
     stop = num_items - num_items % batch_size if drop_last else num_items
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]

@@ -40,8 +40,19 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(resized).transpose(0, 3, 1, 2)
 
 
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``uint8 [B, 3, H, W]`` (or floats in 0..255) to float32 ``(x / 255 - mean) / std`` per channel."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
+def channel_vector(values: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """float32 ``[1, C, 1, 1]`` on ``device``. Made from a sequence it is a copy from the host, which on a GPU waits
+    for the device: loops make it once and pass the tensor to :func:`normalize`."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+def normalize(
+    images_uint8: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """``uint8 [B, 3, H, W]`` (or floats in 0..255) to float32 ``(x / 255 - mean) / std`` per channel; ``mean`` and
+    ``std`` are numbers or :func:`channel_vector` tensors on the images' device."""
+    mean_t = channel_vector(mean, images_uint8.device)
+    std_t = channel_vector(std, images_uint8.device)
     return (images_uint8.float() / 255.0 - mean_t) / std_t
