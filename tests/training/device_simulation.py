@@ -1,7 +1,7 @@
 """A stand-in for a GPU on a CPU-only machine: training code runs with ``meta`` as its device, under a dispatch
 mode that refuses what CUDA refuses and counts what makes a GPU wait for the host.
 
-- An op whose tensor operands sit on both the device and the CPU raises :class:`MixedDevices`, naming the op,
+- An op whose tensor operands sit on both the device and the CPU raises :class:`MixedDevicesError`, naming the op,
   where CUDA would raise "Expected all tensors to be on the same device" (or NCCL would refuse a CPU tensor).
   CUDA lets a 0-dim CPU tensor into elementwise kernels; the stand-in refuses that too, which is stricter
   but keeps the rule simple, and such a tensor is a host round trip in the making.
@@ -31,7 +31,7 @@ DEVICE = torch.device("meta")
 aten = torch.ops.aten
 
 
-class MixedDevices(RuntimeError):
+class MixedDevicesError(RuntimeError):
     """An op took tensors on the device and on the CPU at once."""
 
 
@@ -53,7 +53,8 @@ class _HostData(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _FROM_HOST_DATA and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta":
+        device = kwargs.get("device")
+        if func in _FROM_HOST_DATA and device is not None and torch.device(device).type == "meta":
             self.device.to_device += 1
         return func(*args, **kwargs)
 
@@ -82,8 +83,8 @@ class SimulatedDevice(TorchDispatchMode):
         if func is aten._local_scalar_dense.default and args[0].is_meta:
             self.to_host += 1
             return _fill_one(args[0].dtype)
-        if func is aten._to_copy.default:
-            return self._copy_to(args[0], kwargs, func)
+        if func.overloadpacket in (aten._to_copy, aten.to):  # `to` itself reaches here under inference mode
+            return self._copy_to(func, args, kwargs)
         if func is aten.copy_.default:
             destination, source = args[0], args[1]
             if source.is_meta and not destination.is_meta:
@@ -95,19 +96,20 @@ class SimulatedDevice(TorchDispatchMode):
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" for t in tensors):
             operands = ", ".join(f"{t.device.type} {list(t.shape)}" for t in tensors)
-            raise MixedDevices(f"{func} mixes tensors on the device and on the CPU ({operands})")
+            raise MixedDevicesError(f"{func} mixes tensors on the device and on the CPU ({operands})")
         return func(*args, **kwargs)
 
-    def _copy_to(self, source: torch.Tensor, kwargs: dict, func: Any) -> torch.Tensor:
-        target = kwargs.get("device", source.device)
-        target = torch.device(target) if target is not None else source.device
+    def _copy_to(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        source = args[0]
+        named = [kwargs.get("device")] + [a for a in args[1:] if isinstance(a, torch.device)]
+        target = next((torch.device(d) for d in named if d is not None), source.device)
         if source.is_meta and target.type == "cpu":
             self.to_host += 1
             dtype = kwargs.get("dtype") or source.dtype
             return torch.full(source.shape, _fill_one(dtype), dtype=dtype)
         if not source.is_meta and target.type == "meta":
             self.to_device += 1
-        return func(source, **kwargs)
+        return func(*args, **kwargs)
 
     @property
     def syncs(self) -> int:

@@ -35,8 +35,11 @@ class CosineClassifier(nn.Module):
         Always computed in fp32: under bf16 autocast the cosine (8 significant bits) times s = 30 moves logits by
         up to about 0.1, which is the size of the LDAM margins the loss works with.
         """
-        if torch.is_autocast_enabled(x.device.type):  # checked first so that exported graphs hold no autocast scope
-            with torch.autocast(x.device.type, enabled=False):
+        # Checked first so that exported graphs hold no autocast scope; a device type without autocast (the meta
+        # device that stands in for a GPU in tests/training/test_device.py) has none to leave.
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
                 return self._scaled_cosine(x.float())
         return self._scaled_cosine(x)
 
