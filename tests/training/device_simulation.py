@@ -3,8 +3,8 @@ mode that refuses what CUDA refuses and counts what makes a GPU wait for the hos
 
 - An op whose tensor operands sit on both the device and the CPU raises :class:`MixedDevicesError`, naming the op,
   where CUDA would raise "Expected all tensors to be on the same device" (or NCCL would refuse a CPU tensor).
-  CUDA lets a 0-dim CPU tensor into elementwise kernels; the stand-in refuses that too, which is stricter
-  but keeps the rule simple, and such a tensor is a host round trip in the making.
+  CUDA accepts a few mixes (a 0-dim CPU tensor in an elementwise op, a CPU index into a CUDA tensor) by copying
+  from the host, which makes the GPU wait; the stand-in refuses those too, which keeps the rule simple.
 - Copies between the device and the host are allowed and counted (:attr:`SimulatedDevice.to_host`,
   :attr:`SimulatedDevice.to_device`); ``.item()``, ``.cpu()`` and friends on a device tensor count as copies to
   the host. On a GPU each copy to the host, and each copy from pageable host memory, waits for the device: they
