@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from tests.conftest import interrupted_at_epoch
+from training import train as train_module
 from training.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, load_meta
 from training.config import ConfigError, load_config
+from training.evaluate import predict
 from training.report import METRICS_FILE, PER_CLASS_PLOT
 from training.run import main
 from training.run_folder import LOG_FILE
@@ -190,3 +192,43 @@ def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(
     assert "model.num_experts: 2 -> 3" in capsys.readouterr().err
     assert (tmp_path / "r" / WEIGHTS_FILE).read_bytes() == before
     assert json.loads((tmp_path / "r" / META_FILE).read_text())["complete"] is True
+
+
+def test_compiled_forward_keeps_its_two_graphs_through_eval_and_the_drw_switch(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """runtime.compile: one graph for the full batch and one for the epoch's last, shorter batch, compiled in
+    epoch 1; after it any recompilation is an error (torch's fail_on_recompile stance), through an evaluation
+    between epochs (the model's train/eval switch) and DRW switching on in epoch 3. Dynamo's graph capture and
+    guards are what is tested, so the graphs run as captured (backend "eager"): inductor's code generation
+    would take minutes on this CPU and guards nothing."""
+    graphs: list[list[int]] = []
+
+    def capture(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append([len(t) for t in example_inputs if isinstance(t, torch.Tensor) and t.shape[1:] == (3, 32, 32)])
+        return graph.forward
+
+    real_compile, real_epoch = torch.compile, train_module.train_one_epoch
+    monkeypatch.setattr(torch, "compile", lambda net, **options: real_compile(net, backend=capture, **options))
+
+    def epoch_then_evaluate(net: torch.nn.Module, loss_fn, optimizer, train_set, *args: object, epoch: int, **kwargs):
+        stats = real_epoch(net, loss_fn, optimizer, train_set, *args, epoch=epoch, **kwargs)
+        if epoch == 1:
+            torch.compiler.set_stance("fail_on_recompile")
+        # What evaluation runs is the model itself, which it switches to eval mode and back.
+        predict(net._orig_mod, train_set.images[:8], mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"))
+        return stats
+
+    monkeypatch.setattr(train_module, "train_one_epoch", epoch_then_evaluate)
+    extra = (*TINY, "model.num_experts=2", "schedule.epochs=3", "loss.drw_epoch=2", "runtime.compile=true")
+    torch._dynamo.reset()
+    try:
+        out = train(_config(tiny_data_dir, tmp_path, *extra), out=tmp_path / "compiled")
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert [r["drw_active"] for r in log] == [False, False, True]
+    train_images = load_meta(out).class_counts
+    assert sum(train_images) % 32 != 0  # the last batch of each epoch is a short one
+    assert graphs == [[32], [sum(train_images) % 32]], graphs
