@@ -18,7 +18,9 @@ from pydantic import ValidationError
 from export.manifest import ManifestError
 from service.api import create_app
 from service.cpu_quota import cgroup_cpu_limit
+from service.cuda_info import read_cuda_info
 from service.errors import ModelLoadError
+from service.model import CUDA, cuda_build_version, requested_providers
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -78,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest.cascade.has_routers,
         settings.model_dir,
         state.model.provider,
-        _threads_note(settings.intra_op_threads),
+        _threads_note(settings.threads_for(CUDA in requested_providers(settings.provider))),
     )
+    if state.model.provider == CUDA:
+        logger.info("CUDA: %s", read_cuda_info(cuda_build_version()).describe())
     config = uvicorn.Config(
         app,
         host=settings.host,

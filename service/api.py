@@ -17,10 +17,18 @@ from fastapi_offline import FastAPIOffline
 
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.model import OnnxModel, load_model
+from service.model import CUDA, CudaOptions, OnnxModel, load_model, requested_providers
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
 from service.settings import Settings
 from service.state import ServiceState
+
+
+def cuda_options(settings: Settings) -> CudaOptions:
+    return CudaOptions(
+        tf32=settings.cuda_tf32,
+        conv_algo_search=settings.cuda_conv_algo_search,
+        arena_extend_strategy=settings.cuda_arena_extend_strategy,
+    )
 
 
 def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI:
@@ -33,8 +41,9 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
         model = load_model(
             settings.model_dir,
             provider=settings.provider,
-            intra_op_threads=settings.intra_op_threads,
+            intra_op_threads=settings.threads_for(CUDA in requested_providers(settings.provider)),
             inter_op_threads=settings.inter_op_threads,
+            cuda=cuda_options(settings),
         )
     state = ServiceState(settings, model)
 

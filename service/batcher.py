@@ -4,6 +4,10 @@ The first request of a batch waits at most ``max_wait_s`` (counted from its arri
 ``max_batch_size`` rows; the batch then runs in a dedicated inference thread, so the event loop keeps accepting and
 decoding requests meanwhile, and those form the next batch. Requests accepted but not yet running are bounded by
 ``max_queue_size``: beyond it `submit` raises `OverloadedError` at once instead of letting latency grow.
+
+With ``buckets`` (the server gives them on CUDA, :func:`batch_buckets`) a batch is padded with blank rows up to
+the next bucket size, so the GPU only ever sees the batch shapes that were warmed up; the blank rows stop after
+the first expert and their results are dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,6 +54,20 @@ class _Pending:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a padded batcher forms: powers of two below ``max_batch_size``, and ``max_batch_size``."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
+
+
+def padded_size(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``rows`` (``rows`` itself without buckets, or beyond the largest)."""
+    return next((size for size in buckets if size >= rows), rows)
+
+
 class Batcher:
     """Collects concurrent requests into batches and runs them off the event loop, one batch at a time."""
 
@@ -61,8 +79,10 @@ class Batcher:
         max_wait_s: float,
         max_queue_size: int,
         on_batch: BatchObserver | None = None,
+        buckets: Sequence[int] = (),
     ) -> None:
         self._infer = infer
+        self._buckets = tuple(buckets)
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_queue_size = max_queue_size
@@ -179,9 +199,13 @@ class Batcher:
 
     def _infer_rows(self, batch: list[_Pending]) -> CascadeResult:
         # Runs on the inference thread: stacking large images is not free either.
-        images = np.stack([item.image for item in batch])
-        thresholds = np.array([item.threshold for item in batch], dtype=np.float64)
-        max_experts = np.array([item.max_experts for item in batch], dtype=np.int64)
+        size = padded_size(len(batch), self._buckets)
+        images = np.zeros((size, *batch[0].image.shape), dtype=batch[0].image.dtype)
+        images[: len(batch)] = [item.image for item in batch]
+        thresholds = np.ones(size, dtype=np.float64)
+        thresholds[: len(batch)] = [item.threshold for item in batch]
+        max_experts = np.ones(size, dtype=np.int64)  # blank rows stop after the first expert
+        max_experts[: len(batch)] = [item.max_experts for item in batch]
         return self._infer(images, thresholds, max_experts)
 
     def _fail_unanswered(self, error: Exception) -> None:

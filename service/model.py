@@ -6,9 +6,12 @@ Only onnxruntime and numpy here (no torch): this is what the serving environment
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -29,12 +32,55 @@ from export.manifest import (
     load_manifest,
 )
 from service.errors import ModelLoadError, first_line
+from service.placement import NodeRun, compute_nodes_off, describe_nodes, read_profile
 
 logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The CUDA provider's options, each set deliberately rather than left to onnxruntime's defaults.
+
+    - ``tf32`` off: TF32 matmuls and convolutions keep 10 mantissa bits, which moves fp32 logits by about 1e-3,
+      ten times the 1e-4 the export's parity check holds the graphs to, and can flip routing decisions near the
+      threshold.
+    - ``conv_algo_search`` heuristic: onnxruntime's default, an exhaustive benchmark of every cuDNN algorithm for
+      every convolution and input shape, makes the first run of each warm-up batch size slow enough to outlast a
+      health check's start period on large experts; cuDNN's heuristic picks without timing.
+    - ``arena_extend_strategy`` same-as-requested: the memory arena grows by what a batch needs, not to the next
+      power of two (a few fixed batch shapes are served, so rounding up would only hold memory idle).
+    """
+
+    tf32: bool = False
+    conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "heuristic"
+    arena_extend_strategy: Literal["same_as_requested", "next_power_of_two"] = "same_as_requested"
+
+    def provider_options(self) -> dict[str, str]:
+        """The options as onnxruntime's CUDAExecutionProvider reads them."""
+        return {
+            "use_tf32": "1" if self.tf32 else "0",
+            "cudnn_conv_algo_search": self.conv_algo_search.upper(),
+            "arena_extend_strategy": {"same_as_requested": "kSameAsRequested", "next_power_of_two": "kNextPowerOfTwo"}[
+                self.arena_extend_strategy
+            ],
+        }
+
+
+ProviderEntry = str | tuple[str, dict[str, str]]
+
+
+def provider_entries(providers: Sequence[str], cuda: CudaOptions) -> list[ProviderEntry]:
+    """``providers`` as an onnxruntime session takes them, CUDA with its options."""
+    return [(name, cuda.provider_options()) if name == CUDA else name for name in providers]
+
+
+def cuda_build_version() -> str:
+    """The CUDA version this onnxruntime was built for ('13.0'), or '' for a build without CUDA."""
+    return getattr(ort, "cuda_version", "") or ""
 
 
 def requested_providers(choice: str) -> list[str]:
@@ -85,7 +131,9 @@ def configure_global_thread_pool(intra_op_threads: int, inter_op_threads: int) -
         logger.debug("onnxruntime global thread pool already exists; reusing it")
 
 
-def _session_options(shared_thread_pool: bool, intra_op_threads: int) -> ort.SessionOptions:
+def _session_options(
+    shared_thread_pool: bool, intra_op_threads: int, profile_prefix: Path | None
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if shared_thread_pool:
         options.use_per_session_threads = False
@@ -93,11 +141,15 @@ def _session_options(shared_thread_pool: bool, intra_op_threads: int) -> ort.Ses
         options.intra_op_num_threads = intra_op_threads
     # ENABLE_ALL is the default; EXTENDED was measured 2x slower on these graphs.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        # Profiles the runs until `end_profiling`: the start-up check reads where each node ran from the first one.
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return options
 
 
 def _create_session(
-    folder: Path, spec: GraphSpec, providers: list[str], options: ort.SessionOptions
+    folder: Path, spec: GraphSpec, providers: list[ProviderEntry], options: ort.SessionOptions
 ) -> ort.InferenceSession:
     path = folder / spec.file
     try:
@@ -129,7 +181,12 @@ class _Graph:
 
     @classmethod
     def create(
-        cls, folder: Path, spec: GraphSpec, providers: list[str], options: ort.SessionOptions, output_names: list[str]
+        cls,
+        folder: Path,
+        spec: GraphSpec,
+        providers: list[ProviderEntry],
+        options: ort.SessionOptions,
+        output_names: list[str],
     ) -> _Graph:
         session = _create_session(folder, spec, providers, options)
         dtypes = {t.name: _NUMPY_DTYPES[t.dtype] for t in spec.inputs}
@@ -153,6 +210,9 @@ class OnnxModel:
         self.providers_by_graph = {
             spec.file: g.session.get_providers() for spec, g in zip(manifest.graph_specs(), graphs, strict=True)
         }
+        self._sessions = {spec.file: g.session for spec, g in zip(manifest.graph_specs(), graphs, strict=True)}
+        # Where the nodes of the first run ran (only read when CUDA was asked for): see `check_placement`.
+        self.node_runs: list[NodeRun] = []
 
     @property
     def num_experts(self) -> int:
@@ -182,6 +242,16 @@ class OnnxModel:
     def router(self, k: int, mean_logits: np.ndarray, feature: np.ndarray) -> np.ndarray:
         return self._routers[k - 1].run(**{ROUTER_MEAN_LOGITS: mean_logits, ROUTER_FEATURE: feature})[0]
 
+    def read_placement(self) -> list[NodeRun]:
+        """End the profiling of every session and read where each node of its runs so far ran."""
+        runs = []
+        for graph, session in self._sessions.items():
+            path = session.end_profiling()
+            if path:
+                runs += read_profile(Path(path), graph)
+                Path(path).unlink(missing_ok=True)
+        return runs
+
     def dummy_batch(self, size: int) -> np.ndarray:
         """A zero batch of the model's input shape (for warm-up and the start-up check)."""
         spec = self.manifest.input
@@ -195,12 +265,15 @@ def load_model(
     intra_op_threads: int = 0,
     inter_op_threads: int = 1,
     shared_thread_pool: bool = True,
+    cuda: CudaOptions | None = None,
 ) -> OnnxModel:
     """Load and check a model folder, and create its sessions.
 
     The manifest is validated against its schema and every graph's sha256 is verified; then each graph gets an
     onnxruntime session and one image runs through every graph, so that a folder that loads is a folder that
-    runs. Any problem raises `ModelLoadError` with a one-line message.
+    runs. When CUDA is asked for, that run is profiled and every node that computed on the CPU is named: with
+    ``provider='cuda'`` any such node refuses the start (`check_placement`). Any problem raises `ModelLoadError`
+    with a one-line message.
 
     With ``shared_thread_pool`` (the server's choice) all sessions share onnxruntime's process-wide CPU pool:
     per-session pools fight over the cores and made the split cascade up to 5x slower. That pool is process
@@ -214,24 +287,84 @@ def load_model(
         raise ModelLoadError(str(error)) from None
     if shared_thread_pool:
         configure_global_thread_pool(intra_op_threads, inter_op_threads)
-    options = _session_options(shared_thread_pool, intra_op_threads)
     providers = requested_providers(provider)
     if CUDA in providers and hasattr(ort, "preload_dlls"):
         # onnxruntime-gpu finds the CUDA / cuDNN libraries installed by its pip extras only after this call.
         ort.preload_dlls()
-    graphs = [_Graph.create(folder, manifest.graphs.trunk, providers, options, [TRUNK_OUTPUT])]
-    for spec in manifest.graphs.experts:
-        graphs.append(_Graph.create(folder, spec, providers, options, [EXPERT_LOGITS, EXPERT_FEATURE]))
-    for spec in manifest.graphs.routers:
-        graphs.append(_Graph.create(folder, spec, providers, options, [ROUTER_OUTPUT]))
-    model = OnnxModel(manifest, folder, graphs)
-    if provider == "cuda" and model.provider != CUDA:
-        raise ModelLoadError(cuda_unavailable_message(model.provider))
+    profiles = _profile_folder(provider) if CUDA in providers else None
     try:
-        warm_up(model, batch_sizes=(1,))
-    except Exception as error:
-        raise ModelLoadError(f"the graphs of {folder} do not run together: {first_line(error)}") from None
+        model = _load_sessions(
+            folder,
+            manifest,
+            provider_entries(providers, cuda or CudaOptions()),
+            shared_thread_pool,
+            intra_op_threads,
+            profiles,
+        )
+        if provider == "cuda" and model.provider != CUDA:
+            raise ModelLoadError(cuda_unavailable_message(model.provider))
+        try:
+            warm_up(model, batch_sizes=(1,))
+        except Exception as error:
+            raise ModelLoadError(f"the graphs of {folder} do not run together: {first_line(error)}") from None
+        if profiles is not None:
+            model.node_runs = model.read_placement()
+    finally:
+        if profiles is not None:
+            shutil.rmtree(profiles, ignore_errors=True)
+    if model.provider == CUDA:
+        check_placement(model.node_runs, required=provider == "cuda")
     return model
+
+
+def _profile_folder(provider: str) -> Path | None:
+    """A private folder for the start-up run's profiles, or None (with a warning) where none can be made."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="ride-placement-"))
+    except OSError as error:
+        if provider == "cuda":
+            raise ModelLoadError(
+                f"cannot check where the graphs' nodes run: no temporary folder for onnxruntime's profile ({error}); "
+                "make TMPDIR (or /tmp) writable"
+            ) from None
+        logger.warning("not checking where the graphs' nodes run: no temporary folder (%s)", error)
+        return None
+
+
+def _load_sessions(
+    folder: Path,
+    manifest: Manifest,
+    providers: list[ProviderEntry],
+    shared_thread_pool: bool,
+    intra_op_threads: int,
+    profiles: Path | None,
+) -> OnnxModel:
+    def options(spec: GraphSpec) -> ort.SessionOptions:
+        prefix = profiles / Path(spec.file).stem if profiles is not None else None
+        return _session_options(shared_thread_pool, intra_op_threads, prefix)
+
+    graphs = [_Graph.create(folder, manifest.graphs.trunk, providers, options(manifest.graphs.trunk), [TRUNK_OUTPUT])]
+    for spec in manifest.graphs.experts:
+        graphs.append(_Graph.create(folder, spec, providers, options(spec), [EXPERT_LOGITS, EXPERT_FEATURE]))
+    for spec in manifest.graphs.routers:
+        graphs.append(_Graph.create(folder, spec, providers, options(spec), [ROUTER_OUTPUT]))
+    return OnnxModel(manifest, folder, graphs)
+
+
+def check_placement(runs: list[NodeRun], *, required: bool) -> None:
+    """Refuse (``required``: the server was told ``provider=cuda``) or report the nodes that computed on the CPU
+    although CUDA runs the graphs. Shape arithmetic (integer outputs) on the CPU is onnxruntime's normal plan."""
+    off = compute_nodes_off(runs, CUDA)
+    if not off:
+        logger.info("all %d compute nodes of the start-up run ran on CUDA", sum(r.computes for r in runs))
+        return
+    message = f"{len(off)} compute nodes ran outside CUDA: {describe_nodes(off)}"
+    if required:
+        raise ModelLoadError(
+            f"{message}. Each costs copies between the GPU and the host; export the model again with this "
+            "onnxruntime's kernels in mind, or set RIDE_PROVIDER=auto to serve anyway"
+        )
+    logger.warning("%s (serving anyway: RIDE_PROVIDER=cuda would refuse)", message)
 
 
 def warm_up(model: OnnxModel, batch_sizes: Sequence[int], repeats: int = 2) -> None:

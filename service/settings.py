@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         ),
     )
     inter_op_threads: int = Field(1, ge=0, description="Inter-op threads of that pool (0: onnxruntime's default).")
+    cuda_tf32: bool = Field(
+        False, description="Let CUDA use TF32 (about 1e-3 on fp32 logits: off, so served logits match the export's)."
+    )
+    cuda_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
+        "heuristic",
+        description="How cuDNN picks convolution algorithms: heuristic (no timing, fast start-up), exhaustive "
+        "(times every algorithm per input shape at the first run), default (one fixed algorithm).",
+    )
+    cuda_arena_extend_strategy: Literal["same_as_requested", "next_power_of_two"] = Field(
+        "same_as_requested", description="How onnxruntime's CUDA memory arena grows."
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
     max_wait_ms: float = Field(
         2.0, ge=0.0, le=10_000.0, description="How long a batch waits for more requests after its first one."
@@ -73,6 +84,14 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_user(cls, value: Path) -> Path:
         return value.expanduser()
+
+    def threads_for(self, cuda: bool) -> int:
+        """The intra-op threads to use: the setting when one was given; 1 when CUDA runs the graphs (the CPU only
+        feeds the GPU and computes shapes, and one spinning thread per core would compete with the server for
+        nothing); else the default."""
+        if cuda and "intra_op_threads" not in self.model_fields_set:
+            return 1
+        return self.intra_op_threads
 
     @classmethod
     def from_cli(cls, argv: Sequence[str]) -> Settings:

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import Depends, Request
 
 from cascade import CascadeResult, check_max_experts, run_cascade
-from service.batcher import Batcher
+from service.batcher import Batcher, batch_buckets
 from service.errors import InvalidParameterError, NotReadyError
 from service.images import ImageDecoder
 from service.metrics import Metrics
@@ -47,6 +47,8 @@ class ServiceState:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             on_batch=self.metrics.observe_batch,
+            # On CUDA every new batch shape costs kernel selection and memory: batches are padded to the warmed sizes.
+            buckets=batch_buckets(settings.max_batch_size) if model.provider == CUDA else (),
         )
         self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
         self.metrics.track_readiness(lambda: self.ready)
@@ -77,8 +79,8 @@ class ServiceState:
     async def warm_up(self) -> None:
         """Warm every graph at the batch sizes it will see, then report ready."""
         largest = self.settings.max_batch_size
-        # CUDA picks kernels per input shape, so every batch size is warmed; on CPU the extremes suffice.
-        sizes = list(range(1, largest + 1)) if self.model.provider == CUDA else sorted({1, largest})
+        # CUDA picks kernels per input shape, so every size the batcher pads to is warmed; on CPU the extremes suffice.
+        sizes = batch_buckets(largest) if self.model.provider == CUDA else sorted({1, largest})
         started = time.perf_counter()
         try:
             await self.batcher.run_in_worker(warm_up, self.model, sizes)

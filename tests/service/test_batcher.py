@@ -11,7 +11,7 @@ import pytest
 
 from cascade import run_cascade
 from export.manifest import load_manifest
-from service.batcher import Batcher
+from service.batcher import Batcher, batch_buckets, padded_size
 from service.errors import NotReadyError, OverloadedError
 from service.images import ImageDecoder
 from tests.service.conftest import NUM_EXPERTS
@@ -138,3 +138,41 @@ def test_event_loop_stays_free_while_a_batch_computes(loaded_model, images: np.n
 
     # A loop blocked by the batch would tick once or twice; a free one ticks every few milliseconds.
     assert asyncio.run(scenario()) >= 10
+
+
+def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(1) == [1]
+    assert [padded_size(rows, batch_buckets(24)) for rows in (1, 3, 9, 17, 24)] == [1, 4, 16, 24, 24]
+    assert padded_size(5, ()) == 5
+
+
+def test_padded_batches_reach_the_model_at_bucket_sizes_with_unchanged_answers(
+    loaded_model, images: np.ndarray
+) -> None:
+    """CUDA's batcher: 20 requests run as a batch of 32 (12 blank rows stopping after expert 1); each request
+    gets exactly the row it would get unpadded."""
+    shapes: list[tuple[int, int]] = []
+
+    def infer(batch: np.ndarray, thresholds: np.ndarray, max_experts: np.ndarray):
+        shapes.append((len(batch), int((max_experts == 1).sum())))
+        return run_cascade(loaded_model, batch, thresholds=thresholds, max_experts=max_experts)
+
+    thresholds = np.linspace(0.2, 0.8, 20)
+
+    async def scenario():
+        batcher = Batcher(infer, max_batch_size=32, max_wait_s=0.2, max_queue_size=256, buckets=batch_buckets(32))
+        await batcher.start()
+        results = await asyncio.gather(
+            *(batcher.submit(images[i], threshold=float(thresholds[i]), max_experts=NUM_EXPERTS) for i in range(20))
+        )
+        await batcher.stop(1.0)
+        return results
+
+    results = asyncio.run(scenario())
+    assert shapes == [(32, 12)]
+    expected = run_cascade(loaded_model, images[:20], thresholds=thresholds, max_experts=NUM_EXPERTS)
+    np.testing.assert_array_equal([r.experts_used for r in results], expected.experts_used)
+    np.testing.assert_allclose(np.stack([r.probabilities for r in results]), expected.probabilities, atol=1e-6)
+    assert all(r.batch_size == 20 for r in results)

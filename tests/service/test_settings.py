@@ -60,3 +60,31 @@ def test_main_reports_a_missing_model_folder_in_one_line(tmp_path: Path, capsys:
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: model folder {absent} does not exist: export one with `python -m export`")
     assert "\n" not in err
+
+
+def test_cuda_provider_options_are_set_deliberately(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api import cuda_options
+
+    assert cuda_options(Settings()).provider_options() == {
+        "use_tf32": "0",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    monkeypatch.setenv("RIDE_CUDA_TF32", "true")
+    monkeypatch.setenv("RIDE_CUDA_CONV_ALGO_SEARCH", "exhaustive")
+    monkeypatch.setenv("RIDE_CUDA_ARENA_EXTEND_STRATEGY", "next_power_of_two")
+    assert cuda_options(Settings()).provider_options() == {
+        "use_tf32": "1",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "arena_extend_strategy": "kNextPowerOfTwo",
+    }
+    with pytest.raises((ValidationError, SystemExit)):
+        Settings.from_cli(["--cuda-conv-algo-search", "fastest"])
+
+
+def test_onnxruntime_threads_default_to_one_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert settings.threads_for(cuda=True) == 1
+    assert settings.threads_for(cuda=False) == settings.intra_op_threads
+    monkeypatch.setenv("RIDE_INTRA_OP_THREADS", "3")  # given: obeyed on CUDA too
+    assert Settings().threads_for(cuda=True) == 3

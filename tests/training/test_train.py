@@ -194,6 +194,7 @@ def test_cli_refuses_to_overwrite_and_to_resume_another_architecture(
     assert json.loads((tmp_path / "r" / META_FILE).read_text())["complete"] is True
 
 
+@pytest.mark.slow
 def test_compiled_forward_keeps_its_two_graphs_through_eval_and_the_drw_switch(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
