@@ -2,7 +2,7 @@
 
     python -m export --checkpoint DIR --out models/NAME [--opset N] [--fp16] [--force] [--data-dir DIR]
                      [--name NAME] [--version V] [--num-images N]
-    python -m export verify models/NAME [--checkpoint DIR] [--data-dir DIR] [--num-images N]
+    python -m export verify models/NAME [--checkpoint DIR] [--data-dir DIR] [--num-images N] [--provider cpu|cuda]
 
 Exit status: 0 on success; 1 when the graphs do not match the checkpoint (parity, with a short report); 2 for
 every other expected problem (bad arguments, missing or corrupt checkpoint, data, an existing --out, a manifest
@@ -61,6 +61,13 @@ def verify_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("folder", type=Path, help="model folder, e.g. models/NAME")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to compare with (default: the manifest's)")
+    parser.add_argument(
+        "--provider",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="onnxruntime provider to run the graphs on (cuda: with the service's options, TF32 off; needs "
+        "onnxruntime-gpu and a GPU)",
+    )
     _shared_arguments(parser)
     return parser
 
@@ -86,10 +93,14 @@ def _run_verify(args: argparse.Namespace) -> None:
     from export.verify import verify_model_folder
 
     report = verify_model_folder(
-        args.folder, checkpoint=args.checkpoint, data_dir=args.data_dir, num_images=args.num_images
+        args.folder,
+        checkpoint=args.checkpoint,
+        data_dir=args.data_dir,
+        num_images=args.num_images,
+        provider=args.provider,
     )
     _log(report.summary())
-    print(f"{args.folder}: OK")
+    print(f"{args.folder}: OK ({args.provider})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The graphs of a model folder on onnxruntime's CPU provider, for the exporter's verification.
+"""The graphs of a model folder on onnxruntime (the CPU provider, or CUDA where it runs), for the exporter's
+verification.
 
 `OrtModel` is a `cascade.CascadeGraphs`: verification runs the service's own cascade (`cascade.run_cascade`) on
 it, which feeds each expert only the rows that are still running, so the graphs are also exercised at several
@@ -22,6 +23,7 @@ from export.manifest import (
     GraphSpec,
     Manifest,
 )
+from export.providers import CPU, CUDA, CudaOptions, provider_entries
 
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -31,18 +33,26 @@ class GraphRuntimeError(RuntimeError):
 
 
 class OrtGraph:
-    """One graph in an onnxruntime CPU session; inputs are cast to the graph's dtypes, outputs to float32."""
+    """One graph in an onnxruntime session on ``provider`` (``"cpu"`` or ``"cuda"``, with the service's CUDA
+    options); inputs are cast to the graph's dtypes, outputs to float32."""
 
-    def __init__(self, path: Path, spec: GraphSpec) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, provider: str = "cpu") -> None:
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only
         # Threads that spin while waiting cost more than they gain on a shared machine (verification is short).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.name = Path(path).name
+        providers = provider_entries([CUDA, CPU] if provider == "cuda" else [CPU], CudaOptions())
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own pybind exception types
             raise GraphRuntimeError(f"onnxruntime {onnxruntime.__version__} cannot load {self.name}: {error}") from None
+        if provider == "cuda" and self.session.get_providers()[0] != CUDA:
+            raise GraphRuntimeError(
+                f"CUDA cannot run {self.name} here: onnxruntime {onnxruntime.__version__} offers "
+                f"{', '.join(onnxruntime.get_available_providers())} (the CUDA provider needs onnxruntime-gpu, an "
+                "NVIDIA driver and a GPU); verify with --provider cpu"
+            )
         self.dtypes = {t.name: _NUMPY[t.dtype] for t in spec.inputs}
         self.output_names = [t.name for t in spec.outputs]
 
@@ -65,14 +75,16 @@ class ExpertRun:
 
 
 class OrtModel:
-    """The graphs of a model folder, ready to run on the CPU."""
+    """The graphs of a model folder, ready to run on ``provider`` ("cpu" or "cuda")."""
 
-    def __init__(self, folder: Path, manifest: Manifest) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, provider: str = "cpu") -> None:
         folder = Path(folder)
         graphs = manifest.graphs
-        self._trunk = OrtGraph(folder / graphs.trunk.file, graphs.trunk)
-        self._experts = [OrtGraph(folder / g.file, g) for g in graphs.experts]
-        self._routers = [OrtGraph(folder / g.file, g) for g in graphs.routers]
+        if provider == "cuda" and hasattr(onnxruntime, "preload_dlls"):
+            onnxruntime.preload_dlls()  # the CUDA and cuDNN libraries of onnxruntime-gpu's pip extras
+        self._trunk = OrtGraph(folder / graphs.trunk.file, graphs.trunk, provider)
+        self._experts = [OrtGraph(folder / g.file, g, provider) for g in graphs.experts]
+        self._routers = [OrtGraph(folder / g.file, g, provider) for g in graphs.routers]
         self._cost = manifest.cost_model()
 
     @property

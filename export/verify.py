@@ -380,13 +380,19 @@ def check_source_matches(manifest: Manifest, source: SourceModel) -> None:
 
 
 def verify_parity(
-    folder: Path, manifest: Manifest, source: SourceModel, *, data_dir: Path | None, num_images: int
+    folder: Path,
+    manifest: Manifest,
+    source: SourceModel,
+    *,
+    data_dir: Path | None,
+    num_images: int,
+    provider: str = "cpu",
 ) -> ParityReport:
-    """Parity of the graphs in ``folder`` with ``source`` on real test images."""
+    """Parity of the graphs in ``folder`` (run on ``provider``) with ``source`` on real test images."""
     images = normalized(load_verification_images(source.meta, data_dir, num_images), source.meta)
     try:
         return check_parity(
-            OrtModel(folder, manifest),
+            OrtModel(folder, manifest, provider),
             source,
             images,
             threshold=manifest.cascade.default_threshold,
@@ -403,18 +409,21 @@ def verify_model_folder(
     checkpoint: Path | None = None,
     data_dir: Path | None = None,
     num_images: int = DEFAULT_NUM_IMAGES,
+    provider: str = "cpu",
 ) -> ParityReport:
     """Re-check a model folder: schema, graph hashes, graph rules, then parity with its checkpoint.
 
-    ``checkpoint`` defaults to the path recorded in the manifest. Raises ManifestError (schema, hash, graph
-    rules), CheckpointError / DataError (inputs) or VerificationError (parity, wrong checkpoint).
+    ``checkpoint`` defaults to the path recorded in the manifest; ``provider`` "cuda" runs the graphs on the CUDA
+    provider with the service's options (TF32 off), at the same tolerances. Raises ManifestError (schema, hash,
+    graph rules), CheckpointError / DataError (inputs) or VerificationError (parity, wrong checkpoint, a provider
+    that cannot run here).
     """
     folder = Path(folder)
     manifest = load_manifest(folder, check_hashes=True)
     check_graph_files(folder, manifest)
     source = load_source(Path(checkpoint) if checkpoint is not None else Path(manifest.source_checkpoint.path))
     check_source_matches(manifest, source)
-    report = verify_parity(folder, manifest, source, data_dir=data_dir, num_images=num_images)
+    report = verify_parity(folder, manifest, source, data_dir=data_dir, num_images=num_images, provider=provider)
     if not report.passed:
         raise VerificationError(f"{folder} does not match its checkpoint:\n{report.summary()}", report)
     return report

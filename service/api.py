@@ -15,9 +15,10 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
+from export.providers import CUDA, CudaOptions
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.model import CUDA, CudaOptions, OnnxModel, load_model, requested_providers
+from service.model import OnnxModel, load_model, requested_providers
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
 from service.settings import Settings
 from service.state import ServiceState

@@ -22,6 +22,19 @@ def test_verify_command_accepts_an_intact_folder(model_dir: Path, cifar10_dir: P
     assert "OK" in capsys.readouterr().out
 
 
+def test_verify_on_cuda_says_why_where_cuda_cannot_run(model_dir: Path, cifar10_dir: Path, capsys) -> None:
+    """``--provider cuda`` runs the graphs on the CUDA provider (TF32 off, as served). Without it (onnxruntime's
+    CPU build, or no GPU) the check does not quietly run on the CPU: it stops with the reason."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider: bench/gpu_check.sh exercises it on a GPU")
+    args = ["verify", str(model_dir), "--data-dir", str(cifar10_dir / "test"), "--num-images", "8"]
+    assert main([*args, "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CUDA cannot run trunk.onnx here") and "--provider cpu" in err, err
+
+
 def test_flipped_byte_in_a_graph_fails_verify(model_dir: Path, tmp_path: Path, cifar10_dir: Path, capsys) -> None:
     folder = copy_folder(model_dir, tmp_path / "tampered")
     graph = folder / "expert_2.onnx"
