@@ -19,6 +19,9 @@
 
 # The tag says what it is; the digest makes the build reproducible. Override both at once if the digest ages out.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# Where the pip CUDA 13 wheels put their libraries (the "cu13" folder holds cudart, cublas, cufft, curand, nvrtc and
+# nvJitLink; cuDNN keeps a folder of its own). The Python minor version is the base image's.
+ARG NVIDIA_LIBS=/opt/venv/lib/python3.11/site-packages/nvidia
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -41,8 +44,12 @@ COPY service/ service/
 
 # `./[extras]` rather than `.[extras]`: the same install, spelled so that hadolint sees a local path (DL3013).
 FROM source AS serve-venv
-# gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from its pip extras; cpu: the CPU-only onnxruntime.
+# gpu: onnxruntime-gpu with the CUDA and cuDNN libraries from its pip extras (versions pinned in pyproject.toml);
+# cpu: the CPU-only onnxruntime. For gpu, the libraries the serve image's LD_LIBRARY_PATH names must be where it
+# says and readable by the server's unprivileged user, or the build stops here rather than the server falling
+# back to the CPU (RIDE_PROVIDER=auto) or refusing to start (cuda) on a GPU host.
 ARG ORT=gpu
+ARG NVIDIA_LIBS
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
@@ -55,7 +62,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && if [ -s /run/secrets/pip_ca ]; then \
         cat "$(python -c 'from pip._vendor import certifi; print(certifi.where())')" /run/secrets/pip_ca \
             > /run/pip-ca/ca.pem && export PIP_CERT=/run/pip-ca/ca.pem; fi \
-    && pip install "./[serve,${ORT}]"
+    && pip install "./[serve,${ORT}]" \
+    && if [ "${ORT}" = gpu ]; then \
+        chmod -R a+rX "${NVIDIA_LIBS}" \
+        && for lib in cu13/lib/libcudart.so.13 cu13/lib/libcublasLt.so.13 cu13/lib/libcublas.so.13 \
+            cu13/lib/libcufft.so.12 cu13/lib/libcurand.so.10 cu13/lib/libnvrtc.so.13 cudnn/lib/libcudnn.so.9; do \
+            test -r "${NVIDIA_LIBS}/${lib}" || { echo "onnxruntime-gpu's ${lib} is not in ${NVIDIA_LIBS}" >&2; exit 1; }; \
+        done; fi
 
 FROM source AS train-venv
 ARG PIP_INDEX_URL
@@ -88,6 +101,7 @@ CMD ["python", "-m", "training.run", "--help"]
 # ---------------------------------------------------------------------------------------------------------------
 FROM base AS serve
 ARG ORT=gpu
+ARG NVIDIA_LIBS
 LABEL org.opencontainers.image.title="RIDE Serve" \
       org.opencontainers.image.description="RIDE early-exit expert cascade served with onnxruntime" \
       org.opencontainers.image.licenses="MIT" \
@@ -97,10 +111,14 @@ COPY --from=serve-venv /opt/venv /opt/venv
 # replaces it. Owned by root and read-only to the server's user.
 COPY models/cifar10-lt-ride4/ /opt/ride/models/cifar10-lt-ride4/
 # The container toolkit reads NVIDIA_DRIVER_CAPABILITIES to inject the CUDA driver; harmless without a GPU.
+# LD_LIBRARY_PATH: onnxruntime's CUDA provider finds the pip CUDA 13 and cuDNN libraries whether or not its
+# preload_dlls() knows their folders (only recent onnxruntime releases know the CUDA 13 layout); the folders do
+# not exist in the cpu image, where the variable changes nothing.
 ENV RIDE_MODEL_DIR=/opt/ride/models/cifar10-lt-ride4 \
     RIDE_HOST=0.0.0.0 \
     RIDE_PORT=8000 \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=${NVIDIA_LIBS}/cu13/lib:${NVIDIA_LIBS}/cudnn/lib
 WORKDIR /opt/ride
 USER 10001:10001
 EXPOSE 8000

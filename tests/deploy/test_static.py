@@ -245,7 +245,38 @@ def test_serve_image_holds_no_torch_and_switches_onnxruntime() -> None:
     optional = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in ("serve", "cpu", "gpu"):
         assert not [dep for dep in optional[extra] if dep.startswith("torch")], extra
-    assert optional["gpu"] == [dep for dep in optional["gpu"] if "onnxruntime-gpu[cuda,cudnn]" in dep]
+    # onnxruntime-gpu with its CUDA and cuDNN wheels, every one pinned to an exact version.
+    assert optional["gpu"][0].startswith("onnxruntime-gpu[cuda,cudnn]==")
+    assert all(dep.startswith("nvidia-") and "==" in dep for dep in optional["gpu"][1:])
+    assert {dep.split("==")[0] for dep in optional["gpu"]} >= {
+        "nvidia-cuda-runtime",
+        "nvidia-cudnn-cu13",
+        "nvidia-cublas",
+    }
+
+
+def test_gpu_image_finds_the_pip_cuda_libraries() -> None:
+    """LD_LIBRARY_PATH names the folders of the pip CUDA 13 wheels (cudart, cuBLAS, cuRAND, which onnxruntime's
+    CUDA provider needs, and the cuDNN it opens at run time), under the venv of the base image's Python; the
+    builder stage checks that those libraries are there and readable by everyone."""
+    stages = dockerfile_stages()
+    (global_arg,) = [a for a in instructions(stages[""], "ARG") if a.startswith("NVIDIA_LIBS=")]
+    libs = global_arg.split("=", 1)[1]
+    (python_image,) = [a for a in instructions(stages[""], "ARG") if a.startswith("PYTHON_IMAGE=")]
+    minor = re.search(r"python:(3\.\d+)", python_image).group(1)
+    assert libs == f"/opt/venv/lib/python{minor}/site-packages/nvidia"
+    env = " ".join(instructions(stages["serve"], "ENV"))
+    assert "LD_LIBRARY_PATH=${NVIDIA_LIBS}/cu13/lib:${NVIDIA_LIBS}/cudnn/lib" in env
+    assert "NVIDIA_LIBS" in instructions(stages["serve"], "ARG")
+    (install,) = instructions(stages["serve-venv"], "RUN")
+    for lib in (
+        "cu13/lib/libcudart.so.13",
+        "cu13/lib/libcublas.so.13",
+        "cu13/lib/libcurand.so.10",
+        "cudnn/lib/libcudnn.so.9",
+    ):
+        assert lib in install, lib
+    assert 'chmod -R a+rX "${NVIDIA_LIBS}"' in install
 
 
 def test_bundled_model_is_where_ride_model_dir_points() -> None:
