@@ -3,7 +3,7 @@
 # torch with CUDA but no internet, from the repository root, with .gpu-check/ carried along:
 #
 #   bash bench/gpu_check.sh prepare          # first, here (with internet): wheels and images into .gpu-check/
-#   bash bench/gpu_check.sh                  # there: a few minutes on an H100/H200-class GPU, at most 9.75
+#   bash bench/gpu_check.sh                  # there: a few minutes on an H100/H200-class GPU (cut at 9 min 15 s)
 #   bash bench/gpu_check.sh --cpu-dry-run    # the same steps on this CPU, tiny, to check the script
 set -euo pipefail
 cd "$(dirname "$0")/.."
