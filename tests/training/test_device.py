@@ -14,7 +14,7 @@ import torch
 from tests.training.device_simulation import DEVICE, SimulatedDevice
 from training import route_train, runtime
 from training import train as train_module
-from training.config import TrainConfig, config_from_dict
+from training.config import ConfigError, TrainConfig, config_from_dict
 from training.data import BatchAugment, ImageSet
 from training.distill import Teacher
 from training.evaluate import predict
@@ -22,7 +22,7 @@ from training.losses import build_loss
 from training.models import RIDEModel, build_model
 from training.models.router import Routers
 from training.runtime import Runtime, all_reduce_sum
-from training.train import train_one_epoch
+from training.train import train_one_epoch, training_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,3 +180,12 @@ def test_a_process_left_without_images_by_the_last_batch_logs_no_nan(monkeypatch
         progress=False,
     )
     assert math.isfinite(stats.loss) and stats.images == BATCH  # half of each of the two full batches
+
+
+def test_sync_batchnorm_is_refused_off_cuda() -> None:
+    cfg = _config(device="cpu", sync_batchnorm=True)
+    model = build_model(cfg.model, NUM_CLASSES)
+    with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
+        training_forward(model, cfg.runtime, Runtime(torch.device("cpu")))
+    # Without it the training forward is the model itself (no DDP, no compile asked for).
+    assert training_forward(model, _config(device="cpu").runtime, Runtime(torch.device("cpu"))) is model
