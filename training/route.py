@@ -49,7 +49,7 @@ from training.report import print_summary, write_report
 from training.route_plan import RoutePlan, plan_route
 from training.route_train import new_routers, train_routers
 from training.run_folder import LOG_FILE, prepare_output
-from training.runtime import resolve_device
+from training.runtime import configure_device, resolve_device
 from training.threshold import ThresholdChoice, check_reachable, pick_threshold
 
 
@@ -81,6 +81,7 @@ def route_checkpoint(
     )
     cfg, meta = plan.cfg, plan.meta
     device = resolve_device(cfg.runtime.device)
+    configure_device(device)
     if cfg.runtime.num_threads is not None:
         torch.set_num_threads(cfg.runtime.num_threads)
     model, _ = model_from_weights(meta, load_weights(plan.checkpoint), f"checkpoint {plan.checkpoint}")

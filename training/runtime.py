@@ -89,13 +89,18 @@ def describe_execution(cfg: RuntimeConfig, device: torch.device) -> str:
     return ", ".join(parts)
 
 
-def start_runtime(device_choice: str, num_threads: int | None = None) -> Runtime:
-    """Set up the device and, when launched by torchrun (WORLD_SIZE > 1), the process group."""
-    device = resolve_device(device_choice)
+def configure_device(device: torch.device) -> None:
+    """What every run on ``device`` wants set first."""
     if device.type == "cuda":
         # Batch shapes repeat every step (the last batch of an epoch is one more shape), so cuDNN's one-off
         # benchmark of each convolution's algorithms pays for itself within the first epoch.
         torch.backends.cudnn.benchmark = True
+
+
+def start_runtime(device_choice: str, num_threads: int | None = None) -> Runtime:
+    """Set up the device and, when launched by torchrun (WORLD_SIZE > 1), the process group."""
+    device = resolve_device(device_choice)
+    configure_device(device)
     if device.type == "cpu":
         # torchrun starts LOCAL_WORLD_SIZE processes on this host: they share its cores.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
