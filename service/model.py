@@ -322,8 +322,8 @@ def check_placement(runs: list[NodeRun], *, required: bool) -> None:
     message = f"{len(off)} compute nodes ran outside CUDA: {describe_nodes(off)}"
     if required:
         raise ModelLoadError(
-            f"{message}. Each costs copies between the GPU and the host; export the model again with this "
-            "onnxruntime's kernels in mind, or set RIDE_PROVIDER=auto to serve anyway"
+            f"{message}. Each costs copies between the GPU and the host and CPU time per batch; a newer "
+            "onnxruntime-gpu may have the kernels, or set RIDE_PROVIDER=auto to serve anyway"
         )
     logger.warning("%s (serving anyway: RIDE_PROVIDER=cuda would refuse)", message)
 
