@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from export.manifest import ManifestError
 from service.api import create_app
-from service.cpu_quota import cgroup_cpu_limit
+from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
 from service.errors import ModelLoadError
 from service.model import CUDA, cuda_build_version, requested_providers
@@ -46,8 +46,11 @@ def _keep_exit_status_zero(signum: int, frame: object) -> None:
 
 def _threads_note(intra_op_threads: int) -> str:
     quota = cgroup_cpu_limit()
-    threads = "one per core" if intra_op_threads == 0 else str(intra_op_threads)
-    return f"intra-op threads: {threads} (cgroup CPU quota: {'none' if quota is None else f'{quota:g}'})"
+    threads = "onnxruntime's choice (one per physical core)" if intra_op_threads == 0 else str(intra_op_threads)
+    return (
+        f"intra-op threads: {threads} (CPUs this process may use: {available_cpus()}; cgroup CPU quota: "
+        f"{'none' if quota is None else f'{quota:g}'})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

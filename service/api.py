@@ -58,6 +58,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
             state.ready = False
             warming.cancel()
             await state.batcher.stop(settings.shutdown_timeout_s)
+            state.decode_pool.close()
 
     app = FastAPIOffline(  # /docs and /redoc with locally served assets (no CDN)
         title="RIDE Serve",

@@ -1,8 +1,10 @@
-"""The CPU quota of this process's cgroup: what a container's ``cpus:`` limit or a Kubernetes CPU limit allows.
+"""The CPUs this process may use: its CPU affinity, and the CPU quota of its cgroup (what a container's ``cpus:``
+limit or a Kubernetes CPU limit allows).
 
-onnxruntime's default intra-op pool has one thread per physical core of the host, whatever the container is
-allowed: under a quota of 2 CPUs on a 64-core host that is 64 threads fighting for 2 CPUs' worth of time, and the
-kernel throttles them all. The server's default thread count comes from here instead.
+onnxruntime's default intra-op pool has one thread per physical core of the host, whatever the process is allowed:
+under a quota of 2 CPUs on a 64-core host that is 64 threads fighting for 2 CPUs' worth of time, and the kernel
+throttles them all; pinned to one core (``taskset``, a cpuset), its threads take turns on that core (measured 1.9-2x
+slower than one thread). The server's default thread counts come from :func:`available_cpus` instead.
 
 Both cgroup versions are read. v2: ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD"). v1: ``cpu.cfs_quota_us`` (-1
 for none) and ``cpu.cfs_period_us``. Every level from the process's own cgroup up to the mount root counts (a
@@ -70,10 +72,9 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SEL
     return min(found) if found else None
 
 
-def default_intra_op_threads(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> int:
-    """Threads for onnxruntime's intra-op pool: the CPU quota rounded down (at least 1), never more than the CPUs
-    this process may run on; 0 (onnxruntime's own default, one per physical core) when there is no quota."""
+def available_cpus(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> int:
+    """The CPUs this process may use: the ones it may run on (its affinity), fewer when the cgroup CPU quota allows
+    less (the quota rounded down, at least 1)."""
+    cpus = len(os.sched_getaffinity(0))
     limit = cgroup_cpu_limit(root, proc_self_cgroup)
-    if limit is None:
-        return 0
-    return max(1, min(math.floor(limit), len(os.sched_getaffinity(0))))
+    return cpus if limit is None else max(1, min(cpus, math.floor(limit)))

@@ -41,7 +41,7 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     started = time.perf_counter()
     state.require_ready()
     threshold, max_experts = state.cascade_settings(params)
-    pixels = await decode_upload(request, state.decoder)
+    pixels = await decode_upload(request, state.decoder, state.decode_pool)
     row = await state.batcher.submit(pixels, threshold=threshold, max_experts=max_experts)
     body = classify_response(state, row, params.top_k, time.perf_counter() - started)
     state.metrics.observe_classification(

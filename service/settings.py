@@ -14,11 +14,18 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade import Threshold
-from service.cpu_quota import default_intra_op_threads
+from service.cpu_quota import available_cpus
 
 # Resolved from this file, not from the working directory, so that the default works wherever the server starts.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "cifar10-lt-ride4"
+# Decoding beyond a few threads only takes CPU from inference; the queue absorbs a burst of large images.
+MAX_DEFAULT_DECODE_THREADS = 4
+
+
+def default_decode_threads() -> int:
+    """The CPUs this process may use, at most 4."""
+    return min(MAX_DEFAULT_DECODE_THREADS, available_cpus())
 
 
 class Settings(BaseSettings):
@@ -40,11 +47,12 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when it really runs, else CPU; cuda: refuse to start without CUDA."
     )
     intra_op_threads: int = Field(
-        default_factory=default_intra_op_threads,
+        default_factory=available_cpus,
         ge=0,
         description=(
-            "Threads of the process-wide onnxruntime pool on CPU (0: one per physical core). Default: the cgroup "
-            "CPU quota (a container's `cpus:` or a Kubernetes CPU limit) rounded down, else 0."
+            "Threads of the process-wide onnxruntime pool on CPU (0: onnxruntime's choice, one per physical core of "
+            "the host). Default: the CPUs this process may use: its CPU affinity (taskset, a cpuset), fewer when the "
+            "cgroup CPU quota (a container's `cpus:`, a Kubernetes CPU limit) allows less."
         ),
     )
     inter_op_threads: int = Field(1, ge=0, description="Inter-op threads of that pool (0: onnxruntime's default).")
@@ -66,16 +74,74 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         256, ge=1, description="Requests waiting for inference beyond which new ones get 503 + Retry-After."
     )
+    max_queue_wait_ms: float = Field(
+        500.0,
+        gt=0.0,
+        description=(
+            "Longest wait in the queue: a request is refused (503 + Retry-After) before its body is read when the "
+            "queue's expected wait is above it, and dropped (503) when it has waited that long."
+        ),
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with 503 replies.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
-    max_pixels: int = Field(
-        25_000_000, ge=1, description="Largest image (width x height) decoded; refused before decoding (413)."
+    max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Largest image decoded (width x height; for a baseline JPEG, at the reduced scale it decodes at), "
+            "refused from its header (413). Default: 64 x the model's input pixels, at least 2 MiP (2,097,152), at "
+            "most 25 MP."
+        ),
+    )
+    decode_threads: int = Field(
+        default_factory=default_decode_threads,
+        ge=1,
+        description="Threads decoding large images (default: the CPUs this process may use, at most 4).",
+    )
+    decode_queue_size: int = Field(
+        16, ge=0, description="Images waiting for a decoding thread beyond which new ones get 503 + Retry-After."
     )
     default_threshold: Threshold | None = Field(
         None, description="Router threshold when a request gives none (default: the manifest's)."
     )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "On SIGTERM, how long to keep serving (with /readyz 503 and `Connection: close`) before the listening "
+            "socket closes, so that load balancers notice first."
+        ),
+    )
     shutdown_timeout_s: float = Field(
-        10.0, gt=0.0, description="On SIGTERM, how long in-flight requests may take before they are cut off."
+        10.0,
+        gt=0.0,
+        description=(
+            "After that delay, how long in-flight requests may take; those still unanswered then get 503 and the "
+            "process exits with status 3."
+        ),
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description=(
+            "Open connections at most (kept below the file-descriptor limit); beyond it the oldest connection still "
+            "waiting for its request headers is closed, else the new one."
+        ),
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="Largest request line plus headers (431 above).")
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, description="Time from connecting (or sending a request line) to the end of its headers (408)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="Longest pause in the middle of a request body before the connection is closed."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="How long an idle keep-alive connection stays open.")
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description=(
+            "The model folder's digest (`python -m export verify` prints it): the server refuses any other folder."
+        ),
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")

@@ -12,8 +12,9 @@ from fastapi import Depends, Request
 
 from cascade import CascadeResult, check_max_experts, run_cascade
 from service.batcher import Batcher, batch_buckets
+from service.decode_pool import DecodePool
 from service.errors import InvalidParameterError, NotReadyError
-from service.images import ImageDecoder
+from service.images import ImageDecoder, default_max_pixels
 from service.metrics import Metrics
 from service.model import CUDA, OnnxModel, warm_up
 from service.schemas import ClassifyParams
@@ -33,7 +34,9 @@ class ServiceState:
             settings.default_threshold if settings.default_threshold is not None else manifest.cascade.default_threshold
         )
         self.labels = [c.name for c in manifest.classes]
-        self.decoder = ImageDecoder(manifest.input, max_pixels=settings.max_pixels)
+        max_pixels = settings.max_pixels if settings.max_pixels is not None else default_max_pixels(manifest.input)
+        self.decoder = ImageDecoder(manifest.input, max_pixels=max_pixels)
+        self.decode_pool = DecodePool(threads=settings.decode_threads, queue_size=settings.decode_queue_size)
         self.metrics = Metrics(
             num_experts=model.num_experts,
             max_batch_size=settings.max_batch_size,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from service.decode_pool import DecodePool
 from service.errors import InvalidParameterError, UnsupportedMediaTypeError
 from service.images import ImageDecoder
 
@@ -55,11 +55,11 @@ async def read_image_bytes(request: Request) -> bytes:
         return await upload.read()
 
 
-async def decode_upload(request: Request, decoder: ImageDecoder) -> np.ndarray:
+async def decode_upload(request: Request, decoder: ImageDecoder, pool: DecodePool) -> np.ndarray:
     """The request's image as the model's normalised ``[3, H, W]`` input; the size is checked from the header
-    before any pixel is decoded."""
+    before any pixel is decoded, and a large image waits for one of the ``pool``'s threads (503 when it is full)."""
     image = decoder.open(await read_image_bytes(request))
     width, height = image.size
     if width * height <= INLINE_DECODE_PIXELS:
         return decoder.to_array(image)
-    return await run_in_threadpool(decoder.to_array, image)
+    return await pool.run(decoder.to_array, image)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from export.manifest import InputSpec
-from service.errors import ImageTooLargeError, InvalidImageError
-from service.images import ImageDecoder, to_rgb
-from tests.server_process import cifar10_test_images
+from service.decode_pool import DecodePool
+from service.errors import ImageTooLargeError, InvalidImageError, OverloadedError
+from service.images import ImageDecoder, default_max_pixels, to_rgb
+from tests.server_process import REPO_ROOT, cifar10_test_images
 from tests.service.conftest import png_header
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -148,3 +154,99 @@ def test_image_at_the_pixel_limit_is_accepted() -> None:
     assert decoder.decode(encode(Image.new("RGB", (64, 48)), "PNG")).shape == (3, 32, 32)
     with pytest.raises(ImageTooLargeError):
         decoder.decode(encode(Image.new("RGB", (65, 48)), "PNG"))
+
+
+def sixteen_bit_png(width: int, height: int) -> bytes:
+    """A flat 16-bit grayscale PNG: a few tens of kilobytes whatever its size (the issue's 48 KB at 25 MP)."""
+    return encode(Image.fromarray(np.full((height, width), 40_000, dtype=np.uint16)), "PNG")
+
+
+def test_default_pixel_limit_is_fitted_to_the_model() -> None:
+    assert default_max_pixels(SPEC) == 2**21  # 32x32: the floor, a full-HD frame
+    assert default_max_pixels(InputSpec(height=224, width=224, mean=MEAN, std=STD)) == 64 * 224 * 224
+    assert default_max_pixels(InputSpec(height=1024, width=1024, mean=MEAN, std=STD)) == 25_000_000
+    decoder = ImageDecoder(SPEC, max_pixels=default_max_pixels(SPEC))
+    with pytest.raises(ImageTooLargeError, match="5000x5000"):
+        decoder.open(sixteen_bit_png(5000, 5000))
+    assert decoder.decode(sixteen_bit_png(1920, 1080)).shape == (3, 32, 32)
+
+
+PEAK_MEMORY_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from export.manifest import InputSpec
+from service.images import ImageDecoder
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+spec = InputSpec(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+decoder = ImageDecoder(spec, max_pixels=25_000_000)
+decoder.decode(Path(sys.argv[1]).read_bytes())  # warm: first-use allocations are not the decode's
+for path in sys.argv[2:]:
+    data = Path(path).read_bytes()
+    before = peak_mib()
+    decoder.decode(data)
+    print(peak_mib() - before)
+"""
+
+
+def test_a_sixteen_bit_png_decodes_without_float_copies(tmp_path: Path) -> None:
+    """The issue's case: a 16-bit PNG of 25 MP (about 50 KB) took +565 MB, through float64 copies. Now it costs
+    its 16-bit pixels (50 MB) and little else, and one at the default limit (2 MiP) a few megabytes."""
+    files = {"warm": sixteen_bit_png(64, 64), "default-limit": sixteen_bit_png(1448, 1448)}
+    files["25-megapixels"] = sixteen_bit_png(5000, 5000)
+    paths = []
+    for name, data in files.items():
+        paths.append(tmp_path / f"{name}.png")
+        paths[-1].write_bytes(data)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_SCRIPT, *map(str, paths)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    at_default_limit, at_25_megapixels = (float(line) for line in result.stdout.split())
+    assert at_default_limit < 20, f"+{at_default_limit:.0f} MiB for a 2 MiP 16-bit PNG"
+    assert at_25_megapixels < 100, f"+{at_25_megapixels:.0f} MiB for a 25 MP 16-bit PNG"
+
+
+def test_a_large_image_is_reduced_before_it_is_converted() -> None:
+    """A 16-bit image is resized in 16 bits and an RGBA one box-reduced before compositing: the result is the
+    same colour as decoding at full size would give."""
+    decoder = ImageDecoder(SPEC, max_pixels=25_000_000)
+    gray = decoded_rgb(decoder.decode(sixteen_bit_png(1400, 900)))
+    np.testing.assert_allclose(gray.mean(axis=(0, 1)), (156, 156, 156), atol=0.6)  # round(40000 / 257)
+    rgba = encode(Image.new("RGBA", (1200, 800), (10, 200, 30, 255)), "PNG")
+    np.testing.assert_allclose(decoded_rgb(decoder.decode(rgba)).mean(axis=(0, 1)), (10, 200, 30), atol=0.6)
+
+
+def test_a_baseline_jpeg_counts_at_the_scale_it_decodes_at() -> None:
+    """A 2400x1600 photo decodes at 1/8 scale (300x200): within a 1 MP limit. The same size as a progressive JPEG
+    (whose coefficients libjpeg keeps whole) or as a PNG counts at full size and is refused."""
+    decoder = ImageDecoder(SPEC, max_pixels=1_000_000)
+    photo = Image.new("RGB", (2400, 1600), (20, 120, 220))
+    assert decoder.decode(encode(photo, "JPEG", quality=90)).shape == (3, 32, 32)
+    for data in (encode(photo, "JPEG", quality=90, progressive=True), encode(photo, "PNG")):
+        with pytest.raises(ImageTooLargeError, match="2400x1600"):
+            decoder.open(data)
+
+
+def test_the_decode_pool_refuses_beyond_its_threads_and_queue() -> None:
+    release = threading.Event()
+
+    async def scenario() -> list[object]:
+        pool = DecodePool(threads=1, queue_size=1)
+        running = [asyncio.ensure_future(pool.run(release.wait, 10.0)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(OverloadedError, match="decoding"):
+            await pool.run(release.wait, 10.0)
+        release.set()
+        outcomes = await asyncio.gather(*running)
+        assert pool.busy == 0
+        pool.close()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [True, True]

@@ -24,6 +24,7 @@ from export.manifest import expert_file, load_manifest
 from service.images import ImageDecoder
 from tests.server_process import REPO_ROOT, ServerProcess, spawn_server, start_server
 from tests.service.conftest import NUM_EXPERTS, png_header
+from tests.service.test_images import sixteen_bit_png
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -154,6 +155,15 @@ BAD_REQUESTS = [
     ("above-body-limit", b"\0" * (LIMIT + 1), "image/png", {}, 413, "payload_too_large"),
     ("decompression-bomb", png_header(100_000, 100_000), "image/png", {}, 413, "image_too_large"),
     ("above-pixel-limit", png_header(5001, 5000), "image/png", {}, 413, "image_too_large"),
+    # 60 KB that decoded to +565 MB: above the default limit fitted to the 32x32 model (2 MiP), refused unread.
+    (
+        "sixteen-bit-png-of-25-megapixels",
+        lambda _: sixteen_bit_png(5000, 5000),
+        "image/png",
+        {},
+        413,
+        "image_too_large",
+    ),
     ("text-content-type", b"hello", "text/plain", {}, 415, "unsupported_media_type"),
     ("json-content-type", b"{}", "application/json", {}, 415, "unsupported_media_type"),
     ("no-content-type", b"abc", "", {}, 415, "unsupported_media_type"),

@@ -25,7 +25,7 @@ def test_default_model_dir_does_not_depend_on_the_working_directory(
 def test_defaults() -> None:
     settings = Settings()
     assert (settings.max_batch_size, settings.max_wait_ms, settings.max_body_bytes) == (32, 2.0, 8 * 1024 * 1024)
-    assert (settings.max_pixels, settings.provider, settings.default_threshold) == (25_000_000, "auto", None)
+    assert (settings.max_pixels, settings.provider, settings.default_threshold) == (None, "auto", None)
 
 
 def test_environment_then_cli(monkeypatch: pytest.MonkeyPatch) -> None:
