@@ -7,12 +7,10 @@ invalid settings. Start-up problems are one line on stderr, not a traceback.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import sys
 from collections.abc import Sequence
 
-import uvicorn
 from pydantic import ValidationError
 
 from export.manifest import ManifestError
@@ -21,6 +19,7 @@ from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
 from service.errors import ModelLoadError
 from service.model import CUDA, cuda_build_version, requested_providers
+from service.server import build_server
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -87,16 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if state.model.provider == CUDA:
         logger.info("CUDA: %s", read_cuda_info(cuda_build_version()).describe())
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = build_server(app, settings)
     for handled in (signal.SIGTERM, signal.SIGINT):
         signal.signal(handled, _keep_exit_status_zero)
     try:

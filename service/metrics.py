@@ -122,6 +122,19 @@ class Metrics:
         self.ready = Gauge(
             "ride_ready", "1 while /readyz answers 200 (model loaded and warm), else 0.", registry=registry
         )
+        self.connections = Gauge("ride_connections", "Open client connections.", registry=registry)
+        self.connections_capacity = Gauge(
+            "ride_connections_capacity",
+            "Open connections at most (RIDE_MAX_CONNECTIONS, kept below the file-descriptor limit).",
+            registry=registry,
+        )
+        self.connections_closed = Counter(
+            "ride_connections_closed_total",
+            "Connections closed by a limit: header_too_large, header_timeout, body_timeout, over_capacity, "
+            "bad_request.",
+            ["reason"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "ride_model_info",
             "The model served and the onnxruntime provider really in use (value 1).",
@@ -161,6 +174,18 @@ class Metrics:
         """Read the queue depth at scrape time from ``depth``; ``capacity`` is the bound it is refused at."""
         self.queue_depth.set_function(depth)
         self.queue_capacity.set(capacity)
+
+    def track_connections(self, open_connections: Callable[[], float], capacity: int) -> None:
+        """Read the open connections at scrape time from ``open_connections``; ``capacity`` is their bound."""
+        self.connections.set_function(open_connections)
+        self.connections_capacity.set(capacity)
+
+    def observe_connection_closed(self, reason: str, status: int | None) -> None:
+        """A connection closed by a limit, after a response of ``status`` (counted as a request to no route) or
+        without one."""
+        self.connections_closed.labels(reason=reason).inc()
+        if status is not None:
+            self.requests_total.labels(route=UNMATCHED_ROUTE, status=str(status)).inc()
 
     def track_readiness(self, ready: Callable[[], bool]) -> None:
         """Read readiness (what /readyz answers) at scrape time from ``ready``."""

@@ -5,11 +5,13 @@ real CIFAR-10 test images as upload bytes. A plain module (not a conftest) so th
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,23 +89,35 @@ class ServerProcess:
         raise RuntimeError(f"{name} not ready after {timeout_s} s:\n{self.log()}")
 
 
-def spawn_server(model_dir: Path, log_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
-    """Start ``python -m service`` on a free port without waiting; ``env`` are extra RIDE_* variables."""
+def spawn_server(
+    model_dir: Path, log_path: Path, *, prefix: Sequence[str] = (), max_files: int | None = None, **env: str
+) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m service`` on a free port without waiting; ``env`` are extra RIDE_* variables, ``prefix``
+    a command that runs it (e.g. ``unshare``), ``max_files`` its file-descriptor limit."""
     port = free_port()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
+    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)],
+            [*prefix, *command],
             cwd=REPO_ROOT,
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit_files,
         )
     return process, port
 
 
-def start_server(model_dir: Path, log_path: Path, **env: str) -> ServerProcess:
+def start_server(
+    model_dir: Path, log_path: Path, *, prefix: Sequence[str] = (), max_files: int | None = None, **env: str
+) -> ServerProcess:
     """Start a server and wait until /readyz answers 200 (raises RuntimeError, with the log, if it never does)."""
-    process, port = spawn_server(model_dir, log_path, **env)
+    process, port = spawn_server(model_dir, log_path, prefix=prefix, max_files=max_files, **env)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     return server.wait_ready("/readyz", SERVER_START_TIMEOUT_S, poll_s=0.1, name="server")
