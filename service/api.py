@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from export.providers import CUDA, CudaOptions
+from service.errors import ClientClosedError
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import OnnxModel, load_model, requested_providers
@@ -70,7 +71,9 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     add_routes(app)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
     routes = [route.path for route in app.routes if isinstance(route, APIRoute)]
-    state.metrics.preinitialise_routes(routes, error_statuses={CLASSIFY_ROUTE: statuses(*CLASSIFY_ERRORS)})
+    # 499 (the client left first) is counted, never sent: it is not in the OpenAPI document.
+    classify_statuses = statuses(*CLASSIFY_ERRORS, ClientClosedError)
+    state.metrics.preinitialise_routes(routes, error_statuses={CLASSIFY_ROUTE: classify_statuses})
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes))  # outermost: sees 413s
     return app

@@ -8,12 +8,19 @@ decoding requests meanwhile, and those form the next batch. Requests accepted bu
 With ``buckets`` (the server gives them on CUDA, :func:`batch_buckets`) a batch is padded with blank rows up to
 the next bucket size, so the GPU only ever sees the batch shapes that were warmed up; the blank rows stop after
 the first expert and their results are dropped.
+
+Every queued request has a deadline, ``max_queue_wait_s`` after it was queued: one still waiting then is dropped
+with `OverloadedError` rather than run late. A request whose future is cancelled (its client went away) leaves the
+count at once and is skipped when its turn comes, so it neither runs nor delays others. The time a row costs is
+tracked (an exponential moving average over batches), so that `expected_wait_s` can tell the admission control
+(`service.admission`) how long a new request would wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,13 +52,19 @@ class RowResult:
     batch_size: int
 
 
+# Weight of the latest batch in the moving average of the seconds a row costs.
+ROW_COST_SMOOTHING = 0.2
+
+
 @dataclass
 class _Pending:
     image: np.ndarray
     threshold: float
     max_experts: int
     future: asyncio.Future[RowResult]
+    deadline: float  # time.perf_counter() after which it is dropped
     enqueued_at: float = field(default_factory=time.perf_counter)
+    counted: bool = True  # still counted in Batcher.pending
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -78,6 +91,7 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_size: int,
+        max_queue_wait_s: float = math.inf,
         on_batch: BatchObserver | None = None,
         buckets: Sequence[int] = (),
     ) -> None:
@@ -86,7 +100,9 @@ class Batcher:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_queue_size = max_queue_size
+        self._max_queue_wait_s = max_queue_wait_s
         self._on_batch = on_batch
+        self._row_seconds: float | None = None  # moving average of a batch's seconds per row
         self._queue: asyncio.Queue[_Pending] | None = None
         self._pending = 0
         self._running_batch = False
@@ -98,8 +114,14 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Requests accepted and not yet running (queued, or in a batch still being formed)."""
+        """Requests accepted and not yet running (queued, or in a batch still being formed), cancelled ones not
+        counted."""
         return self._pending
+
+    def expected_wait_s(self, rows_ahead: int) -> float:
+        """About how long a request with ``rows_ahead`` rows before it would wait: those rows at the recent cost of
+        a row (0 before the first batch)."""
+        return rows_ahead * (self._row_seconds or 0.0)
 
     async def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -111,10 +133,15 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def submit(self, image: np.ndarray, *, threshold: float, max_experts: int) -> RowResult:
-        """Queue one preprocessed image and wait for its result.
+        """Queue one preprocessed image and wait for its result (see `enqueue`)."""
+        return await self.enqueue(image, threshold=threshold, max_experts=max_experts)
+
+    def enqueue(self, image: np.ndarray, *, threshold: float, max_experts: int) -> asyncio.Future[RowResult]:
+        """Queue one preprocessed image; the future holds its result. Cancelling the future takes the request out.
 
         Raises:
-            OverloadedError: ``max_queue_size`` requests are already waiting.
+            OverloadedError: ``max_queue_size`` requests are already waiting (also set on the future when the
+                request is still waiting at its deadline).
             NotReadyError: the batcher is not started or is shutting down.
         """
         if self._queue is None or self._closing:
@@ -122,9 +149,16 @@ class Batcher:
         if self._pending >= self._max_queue_size:
             raise OverloadedError(f"{self._pending} requests are already waiting; retry later")
         future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
+        item = _Pending(image, threshold, max_experts, future, deadline=time.perf_counter() + self._max_queue_wait_s)
         self._pending += 1
-        self._queue.put_nowait(_Pending(image, threshold, max_experts, future))
-        return await future
+        future.add_done_callback(lambda _: self._uncount(item))  # cancelled or dropped: out of the count at once
+        self._queue.put_nowait(item)
+        return future
+
+    def _uncount(self, item: _Pending) -> None:
+        if item.counted:
+            item.counted = False
+            self._pending -= 1
 
     async def stop(self, timeout_s: float) -> None:
         """Refuse new requests, let the accepted ones finish (at most ``timeout_s``), then stop the loop."""
@@ -145,8 +179,9 @@ class Batcher:
         while True:
             self._current = []
             await self._collect(self._queue, self._current)
-            self._pending -= len(self._current)
-            batch = [item for item in self._current if not item.future.done()]  # skip requests whose client left
+            batch = [item for item in self._current if self._due(item)]  # again: time passed while it formed
+            for item in batch:
+                self._uncount(item)
             if batch:
                 self._running_batch = True
                 try:
@@ -155,20 +190,41 @@ class Batcher:
                     self._running_batch = False
 
     async def _collect(self, queue: asyncio.Queue[_Pending], batch: list[_Pending]) -> None:
-        # Fills ``batch`` in place, so that `stop` can answer the rows of a batch cut off while forming.
-        batch.append(await queue.get())
+        # Fills ``batch`` in place, so that `stop` can answer the rows of a batch cut off while forming. The wait for
+        # company starts with the first request still due; cancelled ones are skipped, expired ones dropped.
+        while not batch:
+            self._take(await queue.get(), batch)
         deadline = batch[0].enqueued_at + self._max_wait_s
         while len(batch) < self._max_batch_size:
             if not queue.empty():
-                batch.append(queue.get_nowait())
+                self._take(queue.get_nowait(), batch)
                 continue
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
+                self._take(await asyncio.wait_for(queue.get(), remaining), batch)
             except TimeoutError:
                 break
+
+    def _take(self, item: _Pending, batch: list[_Pending]) -> None:
+        if self._due(item):
+            batch.append(item)
+
+    def _due(self, item: _Pending) -> bool:
+        """Whether ``item`` should still run: not cancelled (its client went away), not past its deadline (then it
+        is dropped with `OverloadedError`)."""
+        if item.future.done():
+            return False
+        now = time.perf_counter()
+        if now <= item.deadline:
+            return True
+        waited_ms = (now - item.enqueued_at) * 1e3
+        bound_ms = self._max_queue_wait_s * 1e3
+        item.future.set_exception(
+            OverloadedError(f"waited {waited_ms:.0f} ms in the queue, above the bound of {bound_ms:.0f} ms")
+        )
+        return False
 
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -181,6 +237,11 @@ class Batcher:
                     item.future.set_exception(error)
             return
         seconds = time.perf_counter() - started
+        row_seconds = seconds / len(batch)
+        previous = self._row_seconds
+        self._row_seconds = (
+            row_seconds if previous is None else previous + ROW_COST_SMOOTHING * (row_seconds - previous)
+        )
         if self._on_batch is not None:
             self._on_batch(len(batch), seconds)
         for row, item in enumerate(batch):
@@ -215,4 +276,4 @@ class Batcher:
         for item in leftovers:
             if not item.future.done():
                 item.future.set_exception(error)
-        self._pending = 0
+            self._uncount(item)

@@ -47,9 +47,16 @@ class ModelNotFoundError(ServiceError):
 
 
 class OverloadedError(ServiceError):
-    """The request queue is full; the client should retry later."""
+    """The server cannot take this request in time (queue full, expected wait too long, deadline passed, decoders
+    busy); the client should retry later."""
 
     code = "overloaded"
+
+
+class ClientClosedError(ServiceError):
+    """The client went away before its answer was ready (nginx's 499): nothing is sent, the work is dropped."""
+
+    code = "client_closed"
 
 
 class NotReadyError(ServiceError):

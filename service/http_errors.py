@@ -15,8 +15,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import (
+    ClientClosedError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidParameterError,
@@ -41,6 +43,8 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     InvalidParameterError: 422,
     OverloadedError: 503,
     NotReadyError: 503,
+    # Never reaches the client (it has gone); counted in the metrics as nginx counts a client that closed first.
+    ClientClosedError: 499,
 }
 # Codes for the errors Starlette/FastAPI raise themselves (unknown route, wrong method, bad multipart).
 HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -98,6 +102,10 @@ def register_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
             message = f"no route {request.method} {request.url.path}"
         return error_response(error.status_code, code, message, error.headers)
 
+    async def on_client_disconnect(request: Request, error: Exception) -> Response:
+        # Starlette raises this when the client leaves in the middle of its body: not the server's error.
+        return await on_service_error(request, ClientClosedError("the client disconnected while sending its body"))
+
     async def on_unexpected_error(request: Request, error: Exception) -> Response:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal server error")
@@ -105,4 +113,5 @@ def register_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(Exception, on_unexpected_error)

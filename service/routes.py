@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, Response
 
 from service import errors
+from service.disconnect import unless_client_leaves
 from service.http_errors import error_responses
 from service.metrics import EXPOSITION_CONTENT_TYPE
 from service.responses import classify_response, model_summary, v2_metadata
@@ -41,8 +42,10 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     started = time.perf_counter()
     state.require_ready()
     threshold, max_experts = state.cascade_settings(params)
-    pixels = await decode_upload(request, state.decoder, state.decode_pool)
-    row = await state.batcher.submit(pixels, threshold=threshold, max_experts=max_experts)
+    with state.admission.admit():  # before the body is read: refusing late spends the work it should save
+        pixels = await decode_upload(request, state.decoder, state.decode_pool)
+        queued = state.batcher.enqueue(pixels, threshold=threshold, max_experts=max_experts)
+    row = await unless_client_leaves(request.receive, queued)
     body = classify_response(state, row, params.top_k, time.perf_counter() - started)
     state.metrics.observe_classification(
         queue_seconds=row.queue_seconds, experts_used=row.experts_used, relative_compute=row.relative_compute

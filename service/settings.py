@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade import Threshold
@@ -158,6 +158,16 @@ class Settings(BaseSettings):
         if cuda and "intra_op_threads" not in self.model_fields_set:
             return 1
         return self.intra_op_threads
+
+    @model_validator(mode="after")
+    def _batch_wait_within_queue_wait(self) -> Settings:
+        # The wait for a batch's company is time in the queue: above the bound, unfilled batches would all expire.
+        if self.max_wait_ms >= self.max_queue_wait_ms:
+            raise ValueError(
+                f"max_wait_ms ({self.max_wait_ms:g}) must be below max_queue_wait_ms ({self.max_queue_wait_ms:g}): "
+                "a request waits for its batch in the queue"
+            )
+        return self
 
     @classmethod
     def from_cli(cls, argv: Sequence[str]) -> Settings:

@@ -11,6 +11,7 @@ import numpy as np
 from fastapi import Depends, Request
 
 from cascade import CascadeResult, check_max_experts, run_cascade
+from service.admission import Admission
 from service.batcher import Batcher, batch_buckets
 from service.decode_pool import DecodePool
 from service.errors import InvalidParameterError, NotReadyError
@@ -49,9 +50,13 @@ class ServiceState:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
+            max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
             on_batch=self.metrics.observe_batch,
             # On CUDA every new batch shape costs kernel selection and memory: batches are padded to the warmed sizes.
             buckets=batch_buckets(settings.max_batch_size) if model.provider == CUDA else (),
+        )
+        self.admission = Admission(
+            self.batcher, max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000.0
         )
         self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
         self.metrics.track_readiness(lambda: self.ready)

@@ -314,6 +314,7 @@ def test_full_queue_then_sigterm_answers_every_request_in_flight(model_dir: Path
         model_dir,
         tmp_path / "server.log",
         RIDE_MAX_WAIT_MS="3000",
+        RIDE_MAX_QUEUE_WAIT_MS="10000",
         RIDE_MAX_BATCH_SIZE="64",
         RIDE_MAX_QUEUE_SIZE=str(in_flight),
     )
