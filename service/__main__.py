@@ -1,7 +1,8 @@
 """``python -m service``: load the model folder, then serve it with uvicorn until SIGTERM/SIGINT.
 
 Exit status: 0 after a graceful shutdown, 1 when the model cannot be served or the server cannot start, 2 for
-invalid settings. Start-up problems are one line on stderr, not a traceback.
+invalid settings, 3 when the shutdown timeout cut requests off (they were answered 503). Start-up problems are one
+line on stderr, not a traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
 from service.errors import ModelLoadError
 from service.model import CUDA, cuda_build_version, requested_providers
-from service.server import build_server
+from service.server import EXIT_CUT, build_server
 from service.settings import Settings
 
 logger = logging.getLogger("service")
@@ -105,7 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
-    return 0 if server.started else 1
+    if not server.started:
+        return 1
+    if state.drain.cut_requests:
+        print(
+            f"error: the shutdown timeout ({settings.shutdown_timeout_s:g} s, RIDE_SHUTDOWN_TIMEOUT_S) cut "
+            f"{state.drain.cut_requests} requests off (each was answered 503)",
+            file=sys.stderr,
+        )
+        return EXIT_CUT
+    return 0
 
 
 if __name__ == "__main__":

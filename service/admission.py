@@ -3,7 +3,7 @@
 Shedding only in the batcher, after the body was read and the image decoded on the same CPU, spent the work it
 was meant to save: at 4x overload, goodput fell to half of capacity. Here a request is admitted only while the
 requests ahead of it (in the batcher's queue, or admitted and still reading or decoding their image) are fewer
-than ``max_queue_size`` and would take at most ``max_queue_wait_s`` at the recent cost of a row
+than ``max_queue_size`` and would take at most ``max_queue_wait_s`` to serve at the recent time of a batch
 (`Batcher.expected_wait_s`). Otherwise it gets 503 + Retry-After at once, for the cost of its headers.
 """
 

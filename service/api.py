@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from export.providers import CUDA, CudaOptions
+from service.drain import DrainMiddleware
 from service.errors import ClientClosedError
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -75,5 +76,6 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     classify_statuses = statuses(*CLASSIFY_ERRORS, ClientClosedError)
     state.metrics.preinitialise_routes(routes, error_statuses={CLASSIFY_ROUTE: classify_statuses})
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=state.drain, retry_after_s=settings.retry_after_s)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes))  # outermost: sees 413s
     return app

@@ -11,8 +11,8 @@ the first expert and their results are dropped.
 
 Every queued request has a deadline, ``max_queue_wait_s`` after it was queued: one still waiting then is dropped
 with `OverloadedError` rather than run late. A request whose future is cancelled (its client went away) leaves the
-count at once and is skipped when its turn comes, so it neither runs nor delays others. The time a row costs is
-tracked (an exponential moving average over batches), so that `expected_wait_s` can tell the admission control
+count at once and is skipped when its turn comes, so it neither runs nor delays others. The time a batch takes is
+tracked (an exponential moving average), so that `expected_wait_s` can tell the admission control
 (`service.admission`) how long a new request would wait.
 """
 
@@ -52,8 +52,8 @@ class RowResult:
     batch_size: int
 
 
-# Weight of the latest batch in the moving average of the seconds a row costs.
-ROW_COST_SMOOTHING = 0.2
+# Weight of the latest batch in the moving average of a batch's time.
+BATCH_TIME_SMOOTHING = 0.2
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Batcher:
         self._max_queue_size = max_queue_size
         self._max_queue_wait_s = max_queue_wait_s
         self._on_batch = on_batch
-        self._row_seconds: float | None = None  # moving average of a batch's seconds per row
+        self._batch_seconds: float | None = None  # moving average of a batch's time
         self._queue: asyncio.Queue[_Pending] | None = None
         self._pending = 0
         self._running_batch = False
@@ -119,9 +119,13 @@ class Batcher:
         return self._pending
 
     def expected_wait_s(self, rows_ahead: int) -> float:
-        """About how long a request with ``rows_ahead`` rows before it would wait: those rows at the recent cost of
-        a row (0 before the first batch)."""
-        return rows_ahead * (self._row_seconds or 0.0)
+        """About how long a request with ``rows_ahead`` rows before it would wait to start: the batch running, and
+        the full batches those rows make, at the recent time of a batch (0 before the first one). Under overload
+        batches are full, and so is the batch time averaged; with little load, few rows wait."""
+        if self._batch_seconds is None:
+            return 0.0
+        batches = rows_ahead // self._max_batch_size + (1 if self._running_batch else 0)
+        return batches * self._batch_seconds
 
     async def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -237,11 +241,8 @@ class Batcher:
                     item.future.set_exception(error)
             return
         seconds = time.perf_counter() - started
-        row_seconds = seconds / len(batch)
-        previous = self._row_seconds
-        self._row_seconds = (
-            row_seconds if previous is None else previous + ROW_COST_SMOOTHING * (row_seconds - previous)
-        )
+        previous = self._batch_seconds
+        self._batch_seconds = seconds if previous is None else previous + BATCH_TIME_SMOOTHING * (seconds - previous)
         if self._on_batch is not None:
             self._on_batch(len(batch), seconds)
         for row, item in enumerate(batch):

@@ -15,7 +15,9 @@ request fails). Its ``h11_max_incomplete_event_size`` applies to the slower h11 
 - a pause longer than ``body_timeout_s`` while a body is arriving (and the server is reading it): close;
 - more than ``max_connections`` open: the oldest connection that is not in the middle of a request (still
   sending its headers, or idle between requests) is closed to make room, else the new one gets 503;
-- parser errors (uvicorn's own plain-text 400) get the service's JSON error body.
+- parser errors (uvicorn's own plain-text 400) get the service's JSON error body;
+- at shutdown, an idle connection is closed only after ``DRAIN_IDLE_GRACE_S`` (uvicorn closes it at once, and
+  a request the client had just sent on it was lost).
 
 Every response sent here and every connection closed by a limit is reported to the guard's observer (metrics).
 """
@@ -23,8 +25,12 @@ Every response sent here and every connection closed by a limit is reported to t
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import resource
+import socket
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +51,11 @@ HEADER_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
 OVER_CAPACITY = "over_capacity"
 BAD_REQUEST = "bad_request"
-CLOSE_REASONS = (HEADER_TOO_LARGE, HEADER_TIMEOUT, BODY_TIMEOUT, OVER_CAPACITY, BAD_REQUEST)
+DRAINED = "drained"
+CLOSE_REASONS = (HEADER_TOO_LARGE, HEADER_TIMEOUT, BODY_TIMEOUT, OVER_CAPACITY, BAD_REQUEST, DRAINED)
+# When the server shuts down, an idle kept-alive connection stays open this long, so that a request already on its
+# way is answered (with Connection: close) instead of meeting a closed socket.
+DRAIN_IDLE_GRACE_S = 1.0
 
 # (reason, status of the response sent or None when the connection was closed without one)
 ClosedObserver = Callable[[str, int | None], None]
@@ -80,6 +90,26 @@ def fit_to_descriptor_limit(max_connections: int) -> int:
             soft,
         )
     return min(max_connections, room)
+
+
+# Classic BPF "return 0": a socket filter that drops every packet it sees.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def stop_handshakes(listener: socket.socket) -> bool:
+    """Make the kernel drop new connection attempts (SYNs) to ``listener``, a listening socket, while the
+    connections it has already queued can still be accepted. Linux only; False elsewhere.
+
+    Closing a listening socket resets the connections still in its accept queue: clients that had connected and sent
+    their request lose it. Dropped SYNs instead make a client retry about a second later, when the socket is gone
+    and the connection is refused: a clean error, and nothing was sent.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    listener.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, struct.pack("@HP", 1, ctypes.addressof(program)))
+    return True  # the kernel copied the program: the buffer may go
 
 
 def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
@@ -146,6 +176,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._request_started = False  # a byte of the current request has arrived
         self._in_body = False
         self._timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     # -- the connection -------------------------------------------------------------------------------------------
 
@@ -159,8 +190,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self.guard.forget(self)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is stopping: a request in progress ends with ``Connection: close`` (uvicorn's own rule); an
+        idle connection closes after a grace rather than at once."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            return
+        self._drain_timer = self.loop.call_later(DRAIN_IDLE_GRACE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._drain_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a request arrived during the grace: closed after its response
+        elif not self._in_body:
+            self.close_for(DRAINED)
 
     @property
     def evictable(self) -> bool:
@@ -207,6 +255,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_body:
             self._arm(self.guard.limits.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
+        if self._drain_timer is not None and self.cycle is not None:
+            self.cycle.keep_alive = False  # arrived during the shutdown grace: answered, then closed
 
     def on_message_complete(self) -> None:
         self._in_body = False

@@ -131,7 +131,7 @@ class Metrics:
         self.connections_closed = Counter(
             "ride_connections_closed_total",
             "Connections closed by a limit: header_too_large, header_timeout, body_timeout, over_capacity, "
-            "bad_request.",
+            "bad_request; or idle at shutdown: drained.",
             ["reason"],
             registry=registry,
         )

@@ -40,7 +40,7 @@ CLASSIFY_ERRORS = (
 
 async def classify(request: Request, state: StateDep, params: Annotated[ClassifyParams, Query()]) -> Response:
     started = time.perf_counter()
-    state.require_ready()
+    state.require_warm()
     threshold, max_experts = state.cascade_settings(params)
     with state.admission.admit():  # before the body is read: refusing late spends the work it should save
         pixels = await decode_upload(request, state.decoder, state.decode_pool)

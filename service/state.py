@@ -14,6 +14,7 @@ from cascade import CascadeResult, check_max_experts, run_cascade
 from service.admission import Admission
 from service.batcher import Batcher, batch_buckets
 from service.decode_pool import DecodePool
+from service.drain import Drain
 from service.errors import InvalidParameterError, NotReadyError
 from service.images import ImageDecoder, default_max_pixels
 from service.metrics import Metrics
@@ -59,16 +60,29 @@ class ServiceState:
             self.batcher, max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000.0
         )
         self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
-        self.metrics.track_readiness(lambda: self.ready)
-        self.ready = False
+        self.drain = Drain()
+        self.metrics.track_readiness(lambda: self.is_ready)
+        self.ready = False  # loaded and warm
         self.failure: str | None = None
 
     def _infer(self, images: np.ndarray, thresholds: np.ndarray, max_experts: np.ndarray) -> CascadeResult:
         return run_cascade(self.model, images, thresholds=thresholds, max_experts=max_experts)
 
-    def require_ready(self) -> None:
+    @property
+    def is_ready(self) -> bool:
+        """What /readyz answers: warm, and not shutting down."""
+        return self.ready and not self.drain.draining
+
+    def require_warm(self) -> None:
+        """What a classification needs: the model loaded and warm (it is still served while draining)."""
         if not self.ready:
             raise NotReadyError(self.failure or "the model is still warming up")
+
+    def require_ready(self) -> None:
+        """What the readiness endpoints report: warm, and not shutting down (load balancers then stop sending)."""
+        if self.drain.draining:
+            raise NotReadyError("the server is shutting down")
+        self.require_warm()
 
     def cascade_settings(self, params: ClassifyParams) -> tuple[float, int]:
         """The threshold and expert limit a request runs with: its own, else the server's defaults.

@@ -56,14 +56,14 @@ def test_a_request_still_queued_at_its_deadline_is_dropped(loaded_model, images:
 
 def test_admission_refuses_when_the_expected_wait_is_above_the_bound(loaded_model, images: np.ndarray) -> None:  # noqa: F811
     async def scenario() -> None:
-        batcher = slow_batcher(loaded_model, 0.1, max_wait_s=5.0, max_batch_size=64)
+        batcher = slow_batcher(loaded_model, 0.1, max_wait_s=5.0)
         await batcher.start()
         assert batcher.expected_wait_s(100) == 0  # nothing is known before the first batch
-        # One batch of one row teaches the batcher the cost of a row (0.1 s and the cascade).
+        # One batch teaches the batcher the time of a batch (0.1 s and the cascade); batches hold one row here.
         await batcher.submit(images[0], threshold=0.5, max_experts=1)
-        row_s = batcher.expected_wait_s(1)
-        assert row_s >= 0.1
-        admission = Admission(batcher, max_queue_size=64, max_queue_wait_s=2.5 * row_s)
+        batch_s = batcher.expected_wait_s(1)
+        assert batch_s >= 0.1
+        admission = Admission(batcher, max_queue_size=64, max_queue_wait_s=2.5 * batch_s)
         queued = [batcher.enqueue(image, threshold=0.5, max_experts=1) for image in images[:2]]
         with admission.admit():  # 2 rows ahead
             queued.append(batcher.enqueue(images[2], threshold=0.5, max_experts=1))
