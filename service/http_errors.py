@@ -88,6 +88,9 @@ def register_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
     async def on_service_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, ServiceError)
         status = status_of(error)
+        if isinstance(error, PayloadTooLargeError):
+            # What is left of a body too large was discarded up to a bound (service.middleware): do not read on.
+            return error_response(status, error.code, str(error), {"Connection": "close"})
         return error_response(status, error.code, str(error), retry_after if status == 503 else None)
 
     async def on_validation_error(request: Request, error: Exception) -> Response:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -358,3 +361,43 @@ def test_port_in_use_exits_1_with_one_error_line(model_dir: Path, tmp_path: Path
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert f"127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_an_oversized_body_gets_a_413_the_client_can_read(server: ServerProcess) -> None:
+    """Clients that send their whole body before reading (httpx, urllib) got a connection reset instead of the 413:
+    the server closed with the body unread. It now reads and drops the body (up to 4x the limit) first."""
+    body = b"\0" * (3 * LIMIT)
+
+    async def with_httpx() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+            declared = [
+                await http.post("/classify", content=body, headers={"content-type": "image/png"}) for _ in range(5)
+            ]
+
+            async def chunks():
+                for start in range(0, len(body), 65536):
+                    yield body[start : start + 65536]
+
+            streamed = await http.post("/classify", content=chunks(), headers={"content-type": "image/png"})
+        for response in [*declared, streamed]:
+            assert response.json()["error"]["code"] == "payload_too_large"
+        return [r.status_code for r in [*declared, streamed]]
+
+    assert asyncio.run(with_httpx()) == [413] * 6
+    for _ in range(3):
+        request = urllib.request.Request(f"{server.url}/classify", data=body, headers={"Content-Type": "image/png"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"]["code"] == "payload_too_large"
+
+
+def test_an_oversized_body_announced_with_expect_100_continue_is_refused_unsent(server: ServerProcess) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\nContent-Length: {100 * LIMIT}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        reply = sock.recv(65536)  # no body was sent: the answer comes at once, and no 100 Continue
+    assert reply.startswith(b"HTTP/1.1 413"), reply
