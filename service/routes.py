@@ -43,7 +43,7 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     state.require_warm()
     threshold, max_experts = state.cascade_settings(params)
     with state.admission.admit():  # before the body is read: refusing late spends the work it should save
-        pixels = await decode_upload(request, state.decoder, state.decode_pool)
+        pixels = await decode_upload(request, state.decoder, state.decode_pool, state.settings.max_body_bytes)
         queued = state.batcher.enqueue(pixels, threshold=threshold, max_experts=max_experts)
     row = await unless_client_leaves(request.receive, queued)
     body = classify_response(state, row, params.top_k, time.perf_counter() - started)

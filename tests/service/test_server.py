@@ -401,3 +401,25 @@ def test_an_oversized_body_announced_with_expect_100_continue_is_refused_unsent(
         )
         reply = sock.recv(65536)  # no body was sent: the answer comes at once, and no 100 Continue
     assert reply.startswith(b"HTTP/1.1 413"), reply
+
+
+# Runs a command with the whole root file system read-only, in a private mount namespace (needs root).
+READ_ONLY_ROOT = ("unshare", "--mount", "sh", "-c", 'mount --bind / / && mount -o remount,bind,ro / && exec "$@"', "sh")
+
+
+def test_a_multipart_upload_never_touches_the_disk(model_dir: Path, tmp_path: Path) -> None:
+    """Starlette spooled file parts above 1 MiB to a temporary file: with no writable directory (a hardened
+    container), a 2 MB upload got a 500."""
+    probe = subprocess.run([*READ_ONLY_ROOT, "sh", "-c", "! touch /tmp/ride-probe"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a read-only root here (needs root and unshare): {probe.stderr.decode()[:200]}")
+    noise = np.random.default_rng(0).integers(0, 256, (720, 960, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    assert len(data) > 2_000_000  # the issue's 2 MB, above Starlette's 1 MiB spool
+    server = start_server(model_dir, tmp_path / "server.log", prefix=READ_ONLY_ROOT)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30.0) as client:
+            response = client.post("/classify", files={"file": ("noise.png", data, "image/png")})
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
