@@ -57,7 +57,8 @@ def export_parser() -> argparse.ArgumentParser:
 def verify_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export verify",
-        description="Re-check a model folder: manifest schema, graph hashes and rules, parity with its checkpoint.",
+        description="Re-check a model folder: manifest schema, graph hashes and rules, known answers, parity with "
+        "its checkpoint; print the folder's digest (for RIDE_MODEL_SHA256).",
     )
     parser.add_argument("folder", type=Path, help="model folder, e.g. models/NAME")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to compare with (default: the manifest's)")
@@ -90,6 +91,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> None:
+    from export.manifest import folder_digest
     from export.verify import verify_model_folder
 
     report = verify_model_folder(
@@ -101,6 +103,7 @@ def _run_verify(args: argparse.Namespace) -> None:
     )
     _log(report.summary())
     print(f"{args.folder}: OK ({args.provider})")
+    print(f"folder digest (serve only this folder with RIDE_MODEL_SHA256={folder_digest(args.folder)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

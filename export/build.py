@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -42,6 +43,7 @@ from export.graphs import (
     plan_graphs,
     read_graph_io,
 )
+from export.known_answers import pick_images, record_known_answers
 from export.manifest import (
     MANIFEST_NAME,
     Cascade,
@@ -50,19 +52,23 @@ from export.manifest import (
     Graphs,
     GraphSpec,
     InputSpec,
+    KnownAnswers,
     Manifest,
     ModelId,
     SourceCheckpoint,
     ToolVersions,
+    folder_digest,
     load_manifest,
     sha256_file,
     write_manifest,
 )
+from export.ort_model import GraphRuntimeError, OrtModel
 from export.verify import (
     DEFAULT_NUM_IMAGES,
     VERIFICATION_FILE,
     ParityReport,
     VerificationError,
+    load_verification_images,
     verify_parity,
 )
 from training.data import preprocess
@@ -114,9 +120,10 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
         os.chmod(tmp, FOLDER_MODE)  # mkdtemp makes it private; the service may run as another user
-        manifest = _write_folder(source, tmp, model_id=model_id, opset=opset, fp16=fp16, log=log)
-        log(f"verifying against PyTorch on {num_images} test images")
-        report = verify_parity(tmp, manifest, source, data_dir=data_dir, num_images=num_images)
+        images = load_verification_images(source.meta, data_dir, num_images)
+        manifest = _write_folder(source, tmp, images, model_id=model_id, opset=opset, fp16=fp16, log=log)
+        log(f"verifying against PyTorch on {len(images)} test images")
+        report = verify_parity(tmp, manifest, source, images)
         log(report.summary())
         if not report.passed:
             raise VerificationError(f"the exported graphs do not match the checkpoint:\n{report.summary()}", report)
@@ -128,7 +135,7 @@ def export_checkpoint(
             with contextlib.suppress(OSError):  # only if still empty
                 out.parent.rmdir()
         raise
-    log(f"wrote {out}")
+    log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
     return ExportResult(out, manifest, report)
 
 
@@ -159,14 +166,46 @@ def _default_version(source: SourceModel) -> str:
 
 
 def _write_folder(
-    source: SourceModel, folder: Path, *, model_id: ModelId, opset: int, fp16: bool, log: Log
+    source: SourceModel, folder: Path, images: np.ndarray, *, model_id: ModelId, opset: int, fp16: bool, log: Log
 ) -> Manifest:
-    """Export every graph into ``folder``, write the manifest, and re-read it as the service will."""
+    """Export every graph into ``folder``, record their known answers on a few of ``images`` (the verification
+    images, ``uint8``), write the manifest, and re-read it as the service will."""
     specs = [_export_job(job, folder, opset=opset, fp16=fp16, log=log) for job in plan_graphs(source)]
-    manifest = build_manifest(source, specs, model_id=model_id, opset=opset, fp16=fp16)
+    graphs = _graphs(specs, source.meta.model.num_experts)
+    spec = input_spec(source, fp16=fp16)
+    try:
+        known = record_known_answers(OrtModel(folder, graphs), pick_images(images), spec)
+    except GraphRuntimeError as error:
+        raise ExportError(str(error)) from None
+    try:
+        manifest = build_manifest(source, graphs, spec, known, model_id=model_id, opset=opset, fp16=fp16)
+    except ValidationError as error:  # e.g. a class name with markup: the manifest refuses it
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise ExportError(f"the checkpoint cannot be exported: {where}: {problem['msg']}") from None
     write_manifest(manifest, folder)
     # Read back exactly as the service will (schema + hashes); each graph was checked as it was written.
     return load_manifest(folder, check_hashes=True)
+
+
+def _graphs(specs: list[GraphSpec], num_experts: int) -> Graphs:
+    """``specs`` (trunk, experts, routers in order) as the manifest's graphs."""
+    return Graphs(trunk=specs[0], experts=specs[1 : 1 + num_experts], routers=specs[1 + num_experts :])
+
+
+def input_spec(source: SourceModel, *, fp16: bool) -> InputSpec:
+    """The input recipe of ``source``: the training preprocessing, at the graphs' precision."""
+    meta = source.meta
+    return InputSpec(
+        height=meta.input.image_size,
+        width=meta.input.image_size,
+        dtype="float16" if fp16 else "float32",
+        resize=preprocess.RESIZE,
+        crop=preprocess.CROP,
+        scale=preprocess.PIXEL_SCALE,
+        mean=meta.input.mean,
+        std=meta.input.std,
+    )
 
 
 def _export_job(job: GraphJob, folder: Path, *, opset: int, fp16: bool, log: Log) -> GraphSpec:
@@ -183,9 +222,16 @@ def _export_job(job: GraphJob, folder: Path, *, opset: int, fp16: bool, log: Log
 
 
 def build_manifest(
-    source: SourceModel, specs: list[GraphSpec], *, model_id: ModelId, opset: int, fp16: bool
+    source: SourceModel,
+    graphs: Graphs,
+    spec: InputSpec,
+    known_answers: KnownAnswers,
+    *,
+    model_id: ModelId,
+    opset: int,
+    fp16: bool,
 ) -> Manifest:
-    """The manifest of an export of ``source`` whose graphs are ``specs`` (trunk, experts, routers in order)."""
+    """The manifest of an export of ``source`` whose graphs are ``graphs``, input recipe ``spec``."""
     meta = source.meta
     num_experts = meta.model.num_experts
     precision = "float16" if fp16 else "float32"
@@ -199,17 +245,8 @@ def build_manifest(
                 zip(meta.class_names, meta.class_counts, meta.class_groups, strict=True)
             )
         ],
-        input=InputSpec(
-            height=meta.input.image_size,
-            width=meta.input.image_size,
-            dtype=precision,
-            resize=preprocess.RESIZE,
-            crop=preprocess.CROP,
-            scale=preprocess.PIXEL_SCALE,
-            mean=meta.input.mean,
-            std=meta.input.std,
-        ),
-        graphs=Graphs(trunk=specs[0], experts=specs[1 : 1 + num_experts], routers=specs[1 + num_experts :]),
+        input=spec,
+        graphs=graphs,
         cascade=Cascade(
             num_experts=num_experts,
             has_routers=source.routers is not None,
@@ -226,6 +263,7 @@ def build_manifest(
             onnxruntime=onnxruntime.__version__,
             opset=opset,
         ),
+        known_answers=known_answers,
     )
 
 

@@ -4,6 +4,14 @@ The pydantic models below are the single definition. `manifest.schema.json`, shi
 generated from them (``python -m export.manifest > export/manifest.schema.json``; a test keeps the two equal) so
 that tools outside Python can validate a model folder too. This module must stay importable without torch:
 the service imports it.
+
+What loading a folder checks (`load_manifest`): the schema (class names unique and printable, a positive finite
+std, ...), that the manifest and every graph are files inside the folder (a symlink may not lead out of it), every
+graph's sha256, and, when one is pinned, the folder's digest (`folder_digest`: the sha256 of ``manifest.json``,
+which holds every graph's sha256, so one value pins everything the server loads: a graph edited together with its
+hash in the manifest changes it). Format 2 added the known answers (`KnownAnswers`, checked by
+`export.known_answers`); a format-1 manifest is refused with the advice to re-export: without known answers its
+graphs cannot be checked.
 """
 
 from __future__ import annotations
@@ -12,14 +20,14 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cascade import DECISION_RULE, CostModel, Threshold
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
@@ -58,11 +66,30 @@ class SourceCheckpoint(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the checkpoint's weights file.")
 
 
+# A class name is shown to people (API replies, dashboards, pages): no markup, no control characters, no space at
+# either end. `ClassInfo` also requires str.isprintable(), which JSON-schema patterns cannot say.
+CLASS_NAME_PATTERN = r'^[^\s<>&"`\\](?:[^<>&"`\\\x00-\x1f\x7f]*[^\s<>&"`\\])?$'
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class ClassInfo(_Strict):
     id: int = Field(ge=0)
-    name: str
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=CLASS_NAME_PATTERN,
+        description='Unique and printable, without markup characters (<>&"`\\) or spaces at either end.',
+    )
     train_count: int = Field(ge=0)
     group: Literal["many", "medium", "few"]
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        if not name.isprintable():
+            raise ValueError(f"class name {name!r} has characters that are not printable")
+        return name
 
 
 class InputSpec(_Strict):
@@ -76,9 +103,11 @@ class InputSpec(_Strict):
         "bilinear", description="How an image of another size is brought to height x width (aspect ratio ignored)."
     )
     crop: Literal["none"] = Field("none", description="No crop: the whole image is resized.")
-    scale: float = Field(1.0 / 255.0, description="Pixel values are multiplied by this before normalisation.")
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    scale: PositiveFinite = Field(1.0 / 255.0, description="Pixel values are multiplied by this before normalisation.")
+    mean: tuple[Finite, Finite, Finite]
+    std: tuple[PositiveFinite, PositiveFinite, PositiveFinite] = Field(
+        description="Positive: inputs are divided by it."
+    )
 
 
 class TensorSpec(_Strict):
@@ -99,6 +128,18 @@ class Graphs(_Strict):
     trunk: GraphSpec
     experts: list[GraphSpec] = Field(min_length=1, max_length=8)
     routers: list[GraphSpec] = Field(max_length=7, description="One per expert except the last; empty: no routing.")
+
+    def specs(self) -> list[GraphSpec]:
+        """Trunk, experts, routers, in that order."""
+        return [self.trunk, *self.experts, *self.routers]
+
+    def cost_model(self) -> CostModel:
+        """The cascade's compute model from the MACs per image of each graph."""
+        return CostModel(
+            trunk_macs=self.trunk.macs_per_image,
+            expert_macs=tuple(g.macs_per_image for g in self.experts),
+            router_macs=tuple(g.macs_per_image for g in self.routers),
+        )
 
 
 class Cascade(_Strict):
@@ -131,8 +172,19 @@ class ToolVersions(_Strict):
     opset: int = Field(ge=18)
 
 
+class KnownAnswers(_Strict):
+    """A few real images and what the exported graphs answered for them (every expert run, every router
+    evaluated), so that the server can refuse graphs that answer otherwise (`export.known_answers`)."""
+
+    images: list[str] = Field(
+        min_length=1, description="Base64 PNG files: 8-bit RGB at the input's height and width, before normalisation."
+    )
+    logits: list[list[Finite]] = Field(description="Per image: the mean of every expert's class logits.")
+    router_logits: list[list[Finite]] = Field(description="Per image: each router's logit (none without routers).")
+
+
 class Manifest(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     model: ModelId
     source_checkpoint: SourceCheckpoint
     precision: Literal["float32", "float16"] = "float32"
@@ -142,24 +194,21 @@ class Manifest(_Strict):
     cascade: Cascade
     metrics: EvalMetrics
     exported_with: ToolVersions
+    known_answers: KnownAnswers
 
     def graph_specs(self) -> list[GraphSpec]:
-        return [self.graphs.trunk, *self.graphs.experts, *self.graphs.routers]
+        return self.graphs.specs()
 
     def cost_model(self) -> CostModel:
         """The cascade's compute model from the MACs per image of each graph."""
-        return CostModel(
-            trunk_macs=self.graphs.trunk.macs_per_image,
-            expert_macs=tuple(g.macs_per_image for g in self.graphs.experts),
-            router_macs=tuple(g.macs_per_image for g in self.graphs.routers),
-        )
+        return self.graphs.cost_model()
 
 
 def json_schema() -> dict:
     """The JSON schema of the manifest, generated from the pydantic models."""
     schema = Manifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://ride-serve.dev/schemas/manifest-v1.json"
+    schema["$id"] = "https://ride-serve.dev/schemas/manifest-v2.json"
     return schema
 
 
@@ -187,10 +236,28 @@ def _check_consistency(manifest: Manifest) -> None:
         raise ManifestError("all_experts_without_routers must be the opposite of has_routers")
     if [c.id for c in manifest.classes] != list(range(len(manifest.classes))):
         raise ManifestError("class ids must be 0..C-1 in order")
+    names = [c.name for c in manifest.classes]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ManifestError(f"class names must be unique: {repeated} appear more than once")
+    known = manifest.known_answers
+    rows = {len(known.images), len(known.logits), len(known.router_logits)}
+    if len(rows) != 1:
+        raise ManifestError("known_answers: images, logits and router_logits must have one entry per image")
+    if any(len(row) != len(manifest.classes) for row in known.logits):
+        raise ManifestError(f"known_answers: every logits row must have {len(manifest.classes)} values (one per class)")
+    if any(len(row) != len(graphs.routers) for row in known.router_logits):
+        raise ManifestError(f"known_answers: every router_logits row must have {len(graphs.routers)} values")
 
 
 def validate_manifest_dict(data: dict, source: str = MANIFEST_NAME) -> Manifest:
     """Validate raw manifest data against the shipped JSON schema and the pydantic model."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION and isinstance(version, int) and version < FORMAT_VERSION:
+        raise ManifestError(
+            f"{source} is manifest format {version}; this version reads format {FORMAT_VERSION}, which adds the "
+            "known answers that let the server check its graphs: re-export the model with `python -m export`"
+        )
     try:
         jsonschema.validate(data, shipped_schema())
     except jsonschema.ValidationError as error:
@@ -213,30 +280,67 @@ def write_manifest(manifest: Manifest, folder: Path) -> Path:
     return path
 
 
-def load_manifest(folder: Path, *, check_hashes: bool = True) -> Manifest:
-    """Load and validate a model folder's manifest; with ``check_hashes`` every graph's sha256 is verified."""
+def digest_of(manifest_bytes: bytes) -> str:
+    """The folder digest of a manifest's exact bytes."""
+    return hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """The model folder's digest: the sha256 of its ``manifest.json`` (``sha256sum manifest.json`` gives the same).
+
+    The manifest holds the sha256 of every graph, which loading checks, and everything else the server uses
+    (classes, input recipe, cascade, known answers): pinning it (``RIDE_MODEL_SHA256``) pins the whole model.
+    """
+    return digest_of(_inside(Path(folder), MANIFEST_NAME).read_bytes())
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name``, which must resolve to a file inside ``folder`` (a symlink may not lead out of it)."""
+    path = folder / name
+    try:
+        resolved = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise ManifestError(f"{name} is missing from {folder}") from None
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ManifestError(f"{name} in {folder} leads outside the model folder (to {resolved}): refused")
+    if not resolved.is_file():
+        raise ManifestError(f"{name} in {folder} is not a file")
+    return resolved
+
+
+def load_manifest(folder: Path, *, check_hashes: bool = True, expected_digest: str | None = None) -> Manifest:
+    """Load and validate a model folder's manifest; with ``check_hashes`` every graph's sha256 is verified, with
+    ``expected_digest`` the folder's digest (`folder_digest`)."""
     folder = Path(folder)
-    path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ManifestError(f"model folder not found: {folder}")
-    if not path.is_file():
+    if not (folder / MANIFEST_NAME).exists():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: is it a model folder written by `python -m export`?")
+    path = _inside(folder, MANIFEST_NAME)
+    raw = path.read_bytes()  # hashed and parsed from the same bytes
+    if expected_digest is not None and digest_of(raw) != expected_digest:
+        raise ManifestError(
+            f"model folder {folder} has digest {digest_of(raw)}, but {expected_digest} is pinned (RIDE_MODEL_SHA256): "
+            "it is not the folder that was verified"
+        )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path} is not valid JSON: {error}") from None
-    manifest = validate_manifest_dict(data, str(path))
+        raise ManifestError(f"{folder / MANIFEST_NAME} is not valid JSON: {error}") from None
+    manifest = validate_manifest_dict(data, str(folder / MANIFEST_NAME))
     if check_hashes:
         verify_graph_hashes(manifest, folder)
+    else:
+        for spec in manifest.graph_specs():
+            _inside(folder, spec.file)
     return manifest
 
 
 def verify_graph_hashes(manifest: Manifest, folder: Path) -> None:
     for spec in manifest.graph_specs():
-        graph_path = Path(folder) / spec.file
-        if not graph_path.is_file():
+        if not (Path(folder) / spec.file).exists():
             raise ManifestError(f"graph {spec.file} listed in the manifest is missing from {folder}")
-        actual = sha256_file(graph_path)
+        actual = sha256_file(_inside(Path(folder), spec.file))
         if actual != spec.sha256:
             raise ManifestError(
                 f"graph {spec.file} has sha256 {actual}, the manifest says {spec.sha256}: "

@@ -20,8 +20,8 @@ from export.manifest import (
     ROUTER_FEATURE,
     ROUTER_MEAN_LOGITS,
     TRUNK_INPUT,
+    Graphs,
     GraphSpec,
-    Manifest,
 )
 from export.providers import CPU, CUDA, CudaOptions, provider_entries
 
@@ -75,17 +75,16 @@ class ExpertRun:
 
 
 class OrtModel:
-    """The graphs of a model folder, ready to run on ``provider`` ("cpu" or "cuda")."""
+    """The graphs of a model folder (``manifest.graphs``), ready to run on ``provider`` ("cpu" or "cuda")."""
 
-    def __init__(self, folder: Path, manifest: Manifest, provider: str = "cpu") -> None:
+    def __init__(self, folder: Path, graphs: Graphs, provider: str = "cpu") -> None:
         folder = Path(folder)
-        graphs = manifest.graphs
         if provider == "cuda" and hasattr(onnxruntime, "preload_dlls"):
             onnxruntime.preload_dlls()  # the CUDA and cuDNN libraries of onnxruntime-gpu's pip extras
         self._trunk = OrtGraph(folder / graphs.trunk.file, graphs.trunk, provider)
         self._experts = [OrtGraph(folder / g.file, g, provider) for g in graphs.experts]
         self._routers = [OrtGraph(folder / g.file, g, provider) for g in graphs.routers]
-        self._cost = manifest.cost_model()
+        self._cost = graphs.cost_model()
 
     @property
     def num_experts(self) -> int:

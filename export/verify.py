@@ -31,6 +31,7 @@ import torch
 
 from cascade import CascadeResult, run_cascade
 from export.graphs import ExportError, SourceModel, check_graph, load_source, read_graph_io
+from export.known_answers import check_known_answers
 from export.manifest import Manifest, ManifestError, load_manifest
 from export.ort_model import GraphRuntimeError, OrtModel
 from training.checkpoint import CheckpointMeta, check_same_classes
@@ -380,21 +381,15 @@ def check_source_matches(manifest: Manifest, source: SourceModel) -> None:
 
 
 def verify_parity(
-    folder: Path,
-    manifest: Manifest,
-    source: SourceModel,
-    *,
-    data_dir: Path | None,
-    num_images: int,
-    provider: str = "cpu",
+    folder: Path, manifest: Manifest, source: SourceModel, images: np.ndarray, *, provider: str = "cpu"
 ) -> ParityReport:
-    """Parity of the graphs in ``folder`` (run on ``provider``) with ``source`` on real test images."""
-    images = normalized(load_verification_images(source.meta, data_dir, num_images), source.meta)
+    """Parity of the graphs in ``folder`` (run on ``provider``) with ``source`` on real test images
+    (``uint8 [n, 3, S, S]``, from `load_verification_images`)."""
     try:
         return check_parity(
-            OrtModel(folder, manifest, provider),
+            OrtModel(folder, manifest.graphs, provider),
             source,
-            images,
+            normalized(images, source.meta),
             threshold=manifest.cascade.default_threshold,
             tolerances=tolerances_for(manifest.precision),
             precision=manifest.precision,
@@ -411,19 +406,24 @@ def verify_model_folder(
     num_images: int = DEFAULT_NUM_IMAGES,
     provider: str = "cpu",
 ) -> ParityReport:
-    """Re-check a model folder: schema, graph hashes, graph rules, then parity with its checkpoint.
+    """Re-check a model folder: schema, graph hashes, graph rules, known answers, then parity with its checkpoint.
 
     ``checkpoint`` defaults to the path recorded in the manifest; ``provider`` "cuda" runs the graphs on the CUDA
     provider with the service's options (TF32 off), at the same tolerances. Raises ManifestError (schema, hash,
-    graph rules), CheckpointError / DataError (inputs) or VerificationError (parity, wrong checkpoint, a provider
-    that cannot run here).
+    graph rules, known answers), CheckpointError / DataError (inputs) or VerificationError (parity, wrong
+    checkpoint, a provider that cannot run here).
     """
     folder = Path(folder)
     manifest = load_manifest(folder, check_hashes=True)
     check_graph_files(folder, manifest)
+    try:
+        check_known_answers(OrtModel(folder, manifest.graphs, provider), manifest)
+    except GraphRuntimeError as error:
+        raise VerificationError(str(error)) from None
     source = load_source(Path(checkpoint) if checkpoint is not None else Path(manifest.source_checkpoint.path))
     check_source_matches(manifest, source)
-    report = verify_parity(folder, manifest, source, data_dir=data_dir, num_images=num_images, provider=provider)
+    images = load_verification_images(source.meta, data_dir, num_images)
+    report = verify_parity(folder, manifest, source, images, provider=provider)
     if not report.passed:
         raise VerificationError(f"{folder} does not match its checkpoint:\n{report.summary()}", report)
     return report

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from export.manifest import ManifestError
+from export.manifest import ManifestError, folder_digest
 from service.api import create_app
 from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
@@ -76,12 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = app.state.service
     manifest = state.model.manifest
     logger.info(
-        "serving %s %s (%d experts, routers: %s) from %s with provider %s, %s",
+        "serving %s %s (%d experts, routers: %s) from %s (digest %s%s) with provider %s, %s",
         manifest.model.name,
         manifest.model.version,
         manifest.cascade.num_experts,
         manifest.cascade.has_routers,
         settings.model_dir,
+        folder_digest(settings.model_dir),
+        ", pinned" if settings.model_sha256 else "; pin it with RIDE_MODEL_SHA256",
         state.model.provider,
         _threads_note(settings.threads_for(CUDA in requested_providers(settings.provider))),
     )

@@ -47,6 +47,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
             intra_op_threads=settings.threads_for(CUDA in requested_providers(settings.provider)),
             inter_op_threads=settings.inter_op_threads,
             cuda=cuda_options(settings),
+            expected_digest=settings.model_sha256,
         )
     state = ServiceState(settings, model)
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cascade import CostModel, run_cascade
+from export.known_answers import check_known_answers
 from export.manifest import (
     EXPERT_FEATURE,
     EXPERT_INPUT,
@@ -227,14 +228,17 @@ def load_model(
     inter_op_threads: int = 1,
     shared_thread_pool: bool = True,
     cuda: CudaOptions | None = None,
+    expected_digest: str | None = None,
 ) -> OnnxModel:
     """Load and check a model folder, and create its sessions.
 
-    The manifest is validated against its schema and every graph's sha256 is verified; then each graph gets an
-    onnxruntime session and one image runs through every graph, so that a folder that loads is a folder that
-    runs. When CUDA is asked for, that run is profiled and every node that computed on the CPU is named: with
-    ``provider='cuda'`` any such node refuses the start (`check_placement`). Any problem raises `ModelLoadError`
-    with a one-line message.
+    The manifest is validated against its schema, its files must lie inside the folder, every graph's sha256 is
+    verified, and so is the folder's digest when ``expected_digest`` pins one (``RIDE_MODEL_SHA256``); then each
+    graph gets an onnxruntime session, and the manifest's known answers run through every graph and must come
+    back finite and as the exporter recorded them (`export.known_answers`), so that a folder that loads is the
+    folder that was exported and verified, and it runs. When CUDA is asked for, that run is profiled and every
+    node that computed on the CPU is named: with ``provider='cuda'`` any such node refuses the start
+    (`check_placement`). Any problem raises `ModelLoadError` with a one-line message.
 
     With ``shared_thread_pool`` (the server's choice) all sessions share onnxruntime's process-wide CPU pool:
     per-session pools fight over the cores and made the split cascade up to 5x slower. That pool is process
@@ -243,7 +247,7 @@ def load_model(
     """
     folder = Path(folder)
     try:
-        manifest = load_manifest(folder, check_hashes=True)
+        manifest = load_manifest(folder, check_hashes=True, expected_digest=expected_digest)
     except ManifestError as error:
         raise ModelLoadError(str(error)) from None
     if shared_thread_pool:
@@ -265,7 +269,9 @@ def load_model(
         if provider == "cuda" and model.provider != CUDA:
             raise ModelLoadError(cuda_unavailable_message(model.provider))
         try:
-            warm_up(model, batch_sizes=(1,))
+            check_known_answers(model, manifest)
+        except ManifestError as error:
+            raise ModelLoadError(str(error)) from None
         except Exception as error:
             raise ModelLoadError(f"the graphs of {folder} do not run together: {first_line(error)}") from None
         if profiles is not None:

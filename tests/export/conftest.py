@@ -68,4 +68,4 @@ def reference(model_dir: Path, manifest: Manifest, early_exit_checkpoint: Path, 
         outputs = source.model(images)
         inputs = [(outputs.logits[:, : k + 1].mean(dim=1), outputs.features[:, k]) for k in range(2)]
         logits = [source.routers(k + 1, *inputs[k]) for k in range(2)]
-    return Reference(model_dir, OrtModel(model_dir, manifest), source, images, outputs, inputs, logits)
+    return Reference(model_dir, OrtModel(model_dir, manifest.graphs), source, images, outputs, inputs, logits)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,14 +13,31 @@ import pytest
 from export.__main__ import main
 from export.manifest import MANIFEST_NAME, sha256_file
 from tests.export.conftest import copy_folder
+from tests.service.test_model import rewrite_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_verify_command_accepts_an_intact_folder(model_dir: Path, cifar10_dir: Path, capsys) -> None:
+def test_verify_command_accepts_an_intact_folder_and_prints_its_digest(
+    model_dir: Path, cifar10_dir: Path, capsys
+) -> None:
     status = main(["verify", str(model_dir), "--data-dir", str(cifar10_dir / "test"), "--num-images", "32"])
-    assert status == 0, capsys.readouterr().err
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "OK" in out
+    # The digest to pin is the sha256 of manifest.json: `sha256sum manifest.json` gives it too.
+    assert f"RIDE_MODEL_SHA256={hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()}" in out
+
+
+def test_a_graph_swapped_with_its_hash_fails_verify_without_the_checkpoint(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The known answers catch a replaced graph before any checkpoint is needed (the service runs them too)."""
+    folder = copy_folder(model_dir, tmp_path / "swapped")
+    rewrite_graph(folder, "trunk.onnx", lambda values: values[::-1].copy() if values.ndim else values)
+    assert main(["verify", str(folder), "--checkpoint", str(tmp_path / "no-checkpoint-needed")]) == 2
+    err = capsys.readouterr().err
+    assert "known-answer check failed" in err and "checkpoint" not in err.split("known-answer")[0]
 
 
 def test_verify_on_cuda_says_why_where_cuda_cannot_run(model_dir: Path, cifar10_dir: Path, capsys) -> None:

@@ -56,7 +56,7 @@ def test_rows_at_the_threshold_are_counted_and_may_decide_differently(
     """Real data: at a threshold equal to one row's router probability, that row is counted as near-threshold
     and the export still passes whichever way the runtimes decide it."""
     manifest = load_manifest(early_exit_model_dir)
-    onnx_model = OrtModel(early_exit_model_dir, manifest)
+    onnx_model = OrtModel(early_exit_model_dir, manifest.graphs)
     source = load_source(Path(manifest.source_checkpoint.path))
     images = normalized(load_verification_images(source.meta, cifar10_dir, 16), source.meta)
     with torch.no_grad():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
-from export.manifest import MANIFEST_NAME, expert_file, load_manifest, router_file, sha256_file
+from export.manifest import MANIFEST_NAME, expert_file, folder_digest, load_manifest, router_file, sha256_file
 from service.errors import ModelLoadError
 from service.model import CPU, CUDA, load_model, requested_providers
 
@@ -88,3 +92,112 @@ def test_provider_choices() -> None:
     assert requested_providers("auto")[-1] == CPU
     with pytest.raises(ValueError, match="unknown provider"):
         requested_providers("tpu")
+
+
+def rewrite_graph(folder: Path, name: str, change) -> None:
+    """Apply ``change(values) -> values`` to every float weight of graph ``name`` and put its new sha256 in the
+    manifest: what someone who swaps a graph and edits its hash does."""
+    model = onnx.load(str(folder / name))
+    for weight in model.graph.initializer:
+        values = onnx.numpy_helper.to_array(weight)
+        if values.dtype == np.float32:
+            weight.CopyFrom(onnx.numpy_helper.from_array(change(values).astype(np.float32), weight.name))
+    old_hash = sha256_file(folder / name)
+    onnx.save(model, str(folder / name))
+    manifest_path = folder / MANIFEST_NAME
+    manifest_path.write_text(manifest_path.read_text().replace(old_hash, sha256_file(folder / name)))
+
+
+def edit_manifest(folder: Path, change) -> None:
+    path = folder / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def test_a_random_trunk_with_its_hash_updated_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    """It used to start, and answer "automobile" at p = 1.000: the known answers catch it."""
+    folder = copy_folder(model_dir, tmp_path / "random-trunk")
+    rng = np.random.default_rng(0)
+    rewrite_graph(folder, "trunk.onnx", lambda values: rng.normal(0.0, 0.1, values.shape))
+    load_manifest(folder)  # every hash matches
+    with pytest.raises(ModelLoadError, match="known-answer check failed") as refused:
+        load(folder)
+    assert "\n" not in str(refused.value)
+
+
+def test_non_finite_outputs_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    folder = copy_folder(model_dir, tmp_path / "nan-router")
+    rewrite_graph(folder, router_file(1), lambda values: np.full_like(values, np.nan))
+    with pytest.raises(ModelLoadError, match="non-finite router logits"):
+        load(folder)
+
+
+def test_a_pinned_digest_refuses_any_other_folder(model_dir: Path, tmp_path: Path) -> None:
+    digest = folder_digest(model_dir)
+    assert digest == hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+    assert load_model(model_dir, provider="cpu", shared_thread_pool=False, expected_digest=digest).num_experts == 3
+    folder = copy_folder(model_dir, tmp_path / "edited")
+    rewrite_graph(folder, expert_file(3), lambda values: values * 1.001)  # within the known answers' tolerance
+    load(folder)  # unpinned, it loads: the edit is too small for the known answers
+    with pytest.raises(ModelLoadError, match=f"but {digest} is pinned"):
+        load_model(folder, provider="cpu", shared_thread_pool=False, expected_digest=digest)
+
+
+def test_a_zero_std_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    """std = 0 passed and served NaN probabilities as null."""
+    folder = copy_folder(model_dir, tmp_path / "zero-std")
+    edit_manifest(folder, lambda data: data["input"].update(std=[0.0, 0.2, 0.2]))
+    with pytest.raises(ModelLoadError, match=r"input/std/0"):
+        load(folder)
+
+
+@pytest.mark.parametrize(
+    ("names", "problem"),
+    [
+        ({1: "airplane", 2: "airplane"}, "unique"),
+        ({0: "<img src=x onerror=alert(1)>"}, "class"),
+        ({0: " cat"}, "class"),
+        ({0: "cat\u202e"}, "printable"),
+    ],
+    ids=["duplicate", "markup", "leading-space", "control-character"],
+)
+def test_class_names_must_be_unique_and_printable(
+    model_dir: Path, tmp_path: Path, names: dict[int, str], problem: str
+) -> None:
+    folder = copy_folder(model_dir, tmp_path / "names")
+
+    def rename(data: dict) -> None:
+        for index, name in names.items():
+            data["classes"][index]["name"] = name
+
+    edit_manifest(folder, rename)
+    with pytest.raises(ModelLoadError, match=problem):
+        load(folder)
+
+
+def test_a_symlink_may_not_lead_out_of_the_folder(model_dir: Path, tmp_path: Path) -> None:
+    folder = copy_folder(model_dir, tmp_path / "linked")
+    outside = tmp_path / "elsewhere.onnx"
+    (folder / expert_file(1)).rename(outside)
+    (folder / expert_file(1)).symlink_to(outside)  # same bytes, same hash: only the place is wrong
+    with pytest.raises(ModelLoadError, match="leads outside the model folder"):
+        load(folder)
+    # Inside the folder a link is fine (Kubernetes mounts ConfigMaps and Secrets through such links).
+    (folder / expert_file(1)).unlink()
+    (folder / "..data").mkdir()
+    outside.rename(folder / "..data" / expert_file(1))
+    (folder / expert_file(1)).symlink_to(Path("..data") / expert_file(1))
+    assert load(folder).num_experts == 3
+
+
+def test_a_format_1_manifest_is_refused_with_advice(model_dir: Path, tmp_path: Path) -> None:
+    folder = copy_folder(model_dir, tmp_path / "format-1")
+
+    def downgrade(data: dict) -> None:
+        data["format_version"] = 1
+        del data["known_answers"]
+
+    edit_manifest(folder, downgrade)
+    with pytest.raises(ModelLoadError, match=r"manifest format 1.*re-export the model"):
+        load(folder)

@@ -310,6 +310,19 @@ def test_tampered_graph_refuses_to_start(model_dir: Path, tmp_path: Path) -> Non
     assert "expert_2.onnx has sha256" in line and "re-export" in line
 
 
+def test_a_folder_other_than_the_pinned_one_refuses_to_start(model_dir: Path, tmp_path: Path) -> None:
+    process, _ = spawn_server(model_dir, tmp_path / "server.log", RIDE_MODEL_SHA256="0" * 64)
+    try:
+        returncode = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    log = (tmp_path / "server.log").read_text()
+    assert returncode == 1 and "Traceback" not in log
+    (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+    assert "is pinned (RIDE_MODEL_SHA256)" in line
+
+
 def test_full_queue_then_sigterm_answers_every_request_in_flight(model_dir: Path, tmp_path: Path, test_images) -> None:
     # Batches wait 3 s for company, so requests are still in flight when the signal arrives.
     in_flight = 16
