@@ -15,8 +15,9 @@ from pydantic import Field
 DECISION_RULE = "continue when sigmoid(router_logit) >= threshold"
 THRESHOLD_MIN, THRESHOLD_MAX = 0.0, 1.0
 
-# Every threshold setting (request, server default, router config, checkpoint, manifest) has this type.
-Threshold = Annotated[float, Field(ge=THRESHOLD_MIN, le=THRESHOLD_MAX)]
+# Every threshold setting (request, server default, router config, checkpoint, manifest) has this type. NaN is
+# refused as what it is (not a number), not as "above 1".
+Threshold = Annotated[float, Field(ge=THRESHOLD_MIN, le=THRESHOLD_MAX, allow_inf_nan=False)]
 
 
 def sigmoid(x: np.ndarray | float) -> np.ndarray:

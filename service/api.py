@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
+from starlette.routing import Mount, Route
 
 from export.providers import CUDA, CudaOptions
 from service.drain import DrainMiddleware
@@ -72,11 +72,13 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     app.state.service = state
     add_routes(app)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
-    routes = [route.path for route in app.routes if isinstance(route, APIRoute)]
+    routes = [route.path for route in app.routes if isinstance(route, Route)]  # APIRoute is a Route
+    mounts = tuple(route.path for route in app.routes if isinstance(route, Mount))
     # 499 (the client left first) is counted, never sent: it is not in the OpenAPI document.
     classify_statuses = statuses(*CLASSIFY_ERRORS, ClientClosedError)
-    state.metrics.preinitialise_routes(routes, error_statuses={CLASSIFY_ROUTE: classify_statuses})
+    state.metrics.preinitialise_routes([*routes, *mounts], error_statuses={CLASSIFY_ROUTE: classify_statuses})
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware, drain=state.drain, retry_after_s=settings.retry_after_s)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes))  # outermost: sees 413s
+    # Outermost: it sees the 413s and the drain's 503s.
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes), mounts=mounts)
     return app

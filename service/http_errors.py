@@ -73,11 +73,19 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+# A request with a thousand unknown parameters got a 38 kB reply listing each one: the first few say enough.
+MAX_PROBLEMS_LISTED = 5
+MAX_LOCATION_CHARS = 64
+
+
 def _validation_message(error: RequestValidationError) -> str:
     parts = []
-    for item in error.errors():
+    problems = error.errors()
+    for item in problems[:MAX_PROBLEMS_LISTED]:
         location = ".".join(str(p) for p in item.get("loc", ()) if p not in ("query", "body"))
-        parts.append(f"{location or 'request'}: {item.get('msg', 'invalid')}")
+        parts.append(f"{location[:MAX_LOCATION_CHARS] or 'request'}: {item.get('msg', 'invalid')}")
+    if len(problems) > MAX_PROBLEMS_LISTED:
+        parts.append(f"and {len(problems) - MAX_PROBLEMS_LISTED} more problems")
     return "; ".join(parts) or "invalid request"
 
 

@@ -94,12 +94,18 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts every request by route template and status, and times it."""
+    """Counts every request by route template and status, and times it.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+    ``routes`` are the paths of the app's routes (FastAPI's own, such as /openapi.json, included) and ``mounts``
+    the paths of its mounted apps (the docs' assets), counted under the mount's path; anything else is
+    ``unmatched``, so that the label's values stay bounded.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str], mounts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        self.mounts = mounts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,8 +126,12 @@ class MetricsMiddleware:
             self.metrics.observe_request(self._route(scope), status, time.perf_counter() - started)
 
     def _route(self, scope: Scope) -> str:
-        # The router stores the matched route in the scope; requests answered before routing (413) use the path.
+        # FastAPI stores the matched route in the scope; requests answered before routing (413) and Starlette's
+        # own routes use the path.
         route = scope.get("route")
         if route is not None:
             return route.path
-        return scope["path"] if scope["path"] in self.routes else UNMATCHED_ROUTE
+        path = scope["path"]
+        if path in self.routes:
+            return path
+        return next((mount for mount in self.mounts if path.startswith(mount + "/")), UNMATCHED_ROUTE)

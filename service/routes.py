@@ -38,8 +38,17 @@ CLASSIFY_ERRORS = (
 )
 
 
+def _require_single_values(request: Request) -> None:
+    """A parameter given twice is refused: taking one of the values silently hides a client's mistake."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise errors.InvalidParameterError(f"query parameters given more than once: {', '.join(repeated[:5])}")
+
+
 async def classify(request: Request, state: StateDep, params: Annotated[ClassifyParams, Query()]) -> Response:
     started = time.perf_counter()
+    _require_single_values(request)
     state.require_warm()
     threshold, max_experts = state.cascade_settings(params)
     with state.admission.admit():  # before the body is read: refusing late spends the work it should save

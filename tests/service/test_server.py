@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -436,3 +437,33 @@ def test_a_multipart_upload_never_touches_the_disk(model_dir: Path, tmp_path: Pa
         assert response.status_code == 200, response.text
     finally:
         server.stop()
+
+
+def test_parameter_mistakes_get_short_precise_422s(client: httpx.Client, test_images) -> None:
+    data = test_images[0][1]
+    not_a_number = post_image(client, data, threshold="nan")
+    assert not_a_number.status_code == 422 and "finite number" in not_a_number.json()["error"]["message"]
+    repeated = client.post(
+        "/classify?threshold=0.1&threshold=0.9", content=data, headers={"content-type": "image/jpeg"}
+    )
+    assert repeated.status_code == 422
+    assert repeated.json()["error"]["message"] == "query parameters given more than once: threshold"
+    unknown = "&".join(f"p{i}=1" for i in range(1000))
+    many = client.post(f"/classify?{unknown}", content=data, headers={"content-type": "image/jpeg"})
+    assert many.status_code == 422 and len(many.content) < 1000, len(many.content)  # was 38 kB
+    assert many.json()["error"]["message"].endswith("and 995 more problems")
+
+
+def test_the_docs_routes_are_counted_as_themselves(server: ServerProcess, client: httpx.Client) -> None:
+    before = metrics(server)
+    docs = client.get("/docs")
+    asset = next(url for url in re.findall(r"""(?:src|href)=["']([^"']+)""", docs.text) if url.startswith("/static"))
+    for path in ("/openapi.json", "/redoc", asset):
+        assert client.get(path).status_code == 200, path
+    after = metrics(server)
+    mount = "/" + asset.split("/")[1]
+    for route in ("/docs", "/openapi.json", "/redoc", mount):
+        assert value(after, "ride_requests_total", route=route, status="200") == (
+            value(before, "ride_requests_total", route=route, status="200") + 1
+        ), route
+    assert value(after, "ride_requests_total", route="unmatched", status="200") == 0
