@@ -13,8 +13,10 @@ request fails). Its ``h11_max_incomplete_event_size`` applies to the slower h11 
 - headers not complete ``header_timeout_s`` after the connection opened (or after the request's first byte on a
   kept-alive connection): 408 if part of a request arrived, then close;
 - a pause longer than ``body_timeout_s`` while a body is arriving (and the server is reading it): close;
-- more than ``max_connections`` open: the oldest connection that is not in the middle of a request (still
-  sending its headers, or idle between requests) is closed to make room, else the new one gets 503;
+- more than ``max_connections`` open: the oldest connection that has sent part of its request headers and not
+  the rest (slowloris), or that has been idle between requests for ``IDLE_EVICTION_S``, is closed to make room;
+  if there is none, the new one gets 503. A connection whose request the server has not read yet is never
+  closed for another: under overload the event loop reads late, and those clients have sent their request;
 - parser errors (uvicorn's own plain-text 400) get the service's JSON error body;
 - at shutdown, an idle connection is closed only after ``DRAIN_IDLE_GRACE_S`` (uvicorn closes it at once, and
   a request the client had just sent on it was lost).
@@ -56,6 +58,9 @@ CLOSE_REASONS = (HEADER_TOO_LARGE, HEADER_TIMEOUT, BODY_TIMEOUT, OVER_CAPACITY, 
 # When the server shuts down, an idle kept-alive connection stays open this long, so that a request already on its
 # way is answered (with Connection: close) instead of meeting a closed socket.
 DRAIN_IDLE_GRACE_S = 1.0
+# An idle kept-alive connection may be closed to make room for a new one once it has been idle this long (a client
+# reusing it at that moment would lose its request, as at shutdown).
+IDLE_EVICTION_S = 1.0
 
 # (reason, status of the response sent or None when the connection was closed without one)
 ClosedObserver = Callable[[str, int | None], None]
@@ -134,10 +139,11 @@ class ConnectionGuard:
         return len(self._open)
 
     def admit(self, connection: GuardedHttpToolsProtocol) -> bool:
-        """Register ``connection``; at capacity, close the oldest one that is not in the middle of a request to
-        make room. False when every open connection is busy with a request."""
+        """Register ``connection``; at capacity, close the oldest evictable one to make room (see the module
+        docstring). False when none is."""
         if len(self._open) >= self.limits.max_connections:
-            victim = next((c for c in self._open if c.evictable), None)
+            now = connection.loop.time()
+            victim = next((c for c in self._open if c.evictable(now)), None)
             if victim is None:
                 return False
             victim.close_for(OVER_CAPACITY)
@@ -177,6 +183,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False
         self._timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # when the last response ended
 
     # -- the connection -------------------------------------------------------------------------------------------
 
@@ -210,12 +217,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif not self._in_body:
             self.close_for(DRAINED)
 
-    @property
-    def evictable(self) -> bool:
-        """Not in the middle of a request: still sending its headers, or idle between requests."""
+    def evictable(self, now: float) -> bool:
+        """Stuck in the middle of its request headers, or idle between requests for `IDLE_EVICTION_S`."""
         if self._waiting_for_headers:
-            return True
-        return not self._in_body and (self.cycle is None or self.cycle.response_complete)
+            return self._request_started
+        idle = not self._in_body and self.cycle is not None and self.cycle.response_complete
+        return idle and now - self._idle_since >= IDLE_EVICTION_S
+
+    def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()
+        super().on_response_complete()
 
     def close_for(self, reason: str) -> None:
         """Close at once (no response), reporting ``reason``."""
