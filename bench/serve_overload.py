@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +55,9 @@ class Outcomes:
     statuses: Counter = field(default_factory=Counter)
     refusals: Counter = field(default_factory=Counter)  # 503s by cause
     ok_latencies: list[float] = field(default_factory=list)
+    connect_seconds: list[float] = field(default_factory=list)  # opening each new connection
+    server_ms: list[float] = field(default_factory=list)  # each 200's own timing_ms.total: its time in the app
+    server_queue_p99: str = "?"  # from the server's queue-wait histogram
     seconds: float = 0.0
 
     def rate(self, status: str) -> float:
@@ -121,9 +125,11 @@ class Pool:
     async def send(self, request: bytes, outcomes: Outcomes) -> None:
         started = time.perf_counter()
         try:
-            connection = (
-                self.free.pop() if self.free else Connection(*await asyncio.open_connection(self.host, self.port))
-            )
+            if self.free:
+                connection = self.free.pop()
+            else:
+                connection = Connection(*await asyncio.open_connection(self.host, self.port))
+                outcomes.connect_seconds.append(time.perf_counter() - started)
             status, close, body = await connection.exchange(request)
         except (OSError, asyncio.IncompleteReadError, ValueError) as error:
             outcomes.statuses[f"error {type(error).__name__}"] += 1
@@ -133,6 +139,7 @@ class Pool:
             outcomes.refusals[refusal_kind(body)] += 1
         if status == 200:
             outcomes.ok_latencies.append(time.perf_counter() - started)
+            outcomes.server_ms.append(json.loads(body)["timing_ms"]["total"])
         if close:
             connection.close()
         else:
@@ -215,11 +222,25 @@ def start_server(repo: Path, model_dir: Path, cpus: list[int], log_path: Path) -
     raise SystemExit(f"server not ready after 120 s:\n{log_path.read_text()}")
 
 
-def batch_time(port: int) -> tuple[float, float]:
-    """The sum and count of the server's batch-time histogram."""
+def server_histograms(port: int) -> dict[str, float]:
+    """The server's batch-time sum and count, and its queue-wait histogram (cumulative buckets by bound)."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-    return samples["ride_inference_duration_seconds_sum"], samples["ride_inference_duration_seconds_count"]
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ride_inference_duration_seconds_") and not sample.labels:
+                samples[sample.name] = sample.value
+            elif sample.name == "ride_queue_wait_seconds_bucket":
+                samples[f"le {sample.labels['le']}"] = sample.value
+    return samples
+
+
+def quantile_bound(before: dict[str, float], after: dict[str, float], q: float) -> str:
+    """The smallest queue-wait bucket bound holding a fraction ``q`` of the waits observed between two scrapes."""
+    buckets = sorted((float(k[3:]), after[k] - before.get(k, 0.0)) for k in after if k.startswith("le "))
+    total = buckets[-1][1]
+    bound = next((upper for upper, count in buckets if total and count >= q * total), float("inf"))
+    return f"<= {bound * 1e3:g} ms"
 
 
 async def measure(
@@ -231,12 +252,15 @@ async def measure(
     await closed_loop(pool, requests, args.capacity_concurrency, 2.0)
     capacity = await closed_loop(pool, requests, args.capacity_concurrency, args.duration)
     rate = args.overload * capacity.rate("200")
-    before = batch_time(port)
+    before = server_histograms(port)
     overload = await open_loop(pool, requests, rate, args.duration)
-    after = batch_time(port)
+    after = server_histograms(port)
     pool.close()
-    batches = after[1] - before[1]
-    return capacity, overload, rate, (after[0] - before[0]) / batches if batches else float("nan")
+    count = "ride_inference_duration_seconds_count"
+    batches = after[count] - before[count]
+    total = after["ride_inference_duration_seconds_sum"] - before["ride_inference_duration_seconds_sum"]
+    overload.server_queue_p99 = quantile_bound(before, after, 0.99)
+    return capacity, overload, rate, total / batches if batches else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -289,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         f"(goal >= 0.90); 200s p50 {overload.percentile_ms(50):.1f} ms, p99 {overload.percentile_ms(99):.1f} ms "
         f"(bound: queue wait {settings.max_queue_wait_ms:g} ms + one batch {batch_s * 1e3:.1f} ms "
         f"= {bound_ms:.0f} ms); answers {dict(overload.statuses)}, 503s {dict(overload.refusals)}"
+    )
+    connects = overload.connect_seconds
+    print(
+        f"  server side: queue wait p99 {overload.server_queue_p99}, time in the app p99 "
+        f"{np.percentile(overload.server_ms, 99):.0f} ms; client side: {len(connects)} connections "
+        f"opened, connect p99 {np.percentile(connects, 99) * 1e3 if connects else float('nan'):.0f} ms"
     )
 
 
