@@ -16,7 +16,6 @@ from fastapi_offline import FastAPIOffline
 from starlette.routing import Mount, Route
 
 from export.providers import CUDA, CudaOptions
-from service.admission import EarlyRefusalMiddleware
 from service.drain import DrainMiddleware
 from service.errors import ClientClosedError
 from service.http_errors import register_error_handlers, statuses
@@ -79,12 +78,6 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     classify_statuses = statuses(*CLASSIFY_ERRORS, ClientClosedError)
     state.metrics.preinitialise_routes([*routes, *mounts], error_statuses={CLASSIFY_ROUTE: classify_statuses})
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(
-        EarlyRefusalMiddleware,
-        admission=state.admission,
-        path=CLASSIFY_ROUTE,
-        retry_after_s=settings.retry_after_s,
-    )
     app.add_middleware(DrainMiddleware, drain=state.drain, retry_after_s=settings.retry_after_s)
     # Outermost: it sees the 413s and the drain's 503s.
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes), mounts=mounts)

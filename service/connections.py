@@ -18,6 +18,9 @@ request fails). Its ``h11_max_incomplete_event_size`` applies to the slower h11 
   if there is none, the new one gets 503. A connection whose request the server has not read yet is never
   closed for another: under overload the event loop reads late, and those clients have sent their request;
 - parser errors (uvicorn's own plain-text 400) get the service's JSON error body;
+- a request the guard's ``refusal`` refuses (a classification while the server is overloaded,
+  `service.admission.early_refusal`) is answered as soon as its headers are in, without the application: through
+  the application a refusal cost as much CPU as a classification, and at 4x overload goodput fell to half;
 - at shutdown, an idle connection is closed only after ``DRAIN_IDLE_GRACE_S`` (uvicorn closes it at once, and
   a request the client had just sent on it was lost).
 
@@ -64,6 +67,8 @@ IDLE_EVICTION_S = 1.0
 
 # (reason, status of the response sent or None when the connection was closed without one)
 ClosedObserver = Callable[[str, int | None], None]
+# (method, request target) -> a complete response to send instead of running the application, or None
+Refusal = Callable[[bytes, bytes], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -129,9 +134,12 @@ def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
 class ConnectionGuard:
     """The limits, the open connections (oldest first) and the observer, shared by every connection of a server."""
 
-    def __init__(self, limits: ConnectionLimits, on_closed: ClosedObserver | None = None) -> None:
+    def __init__(
+        self, limits: ConnectionLimits, on_closed: ClosedObserver | None = None, refusal: Refusal | None = None
+    ) -> None:
         self.limits = limits
         self.on_closed = on_closed
+        self.refusal = refusal
         self._open: dict[GuardedHttpToolsProtocol, None] = {}  # insertion order: oldest first
 
     @property
@@ -184,6 +192,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # when the last response ended
+        self._discarding = False  # reading the body of a request refused early
 
     # -- the connection -------------------------------------------------------------------------------------------
 
@@ -265,14 +274,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = self._has_body()
         if self._in_body:
             self._arm(self.guard.limits.body_timeout_s, self._body_timeout)
+        if self._refused_early():
+            return
         super().on_headers_complete()
         if self._drain_timer is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # arrived during the shutdown grace: answered, then closed
+
+    def _refused_early(self) -> bool:
+        """Answer the request here if the guard's refusal says so (an overloaded server refusing a
+        classification), without the application; its body is then read and dropped, and the connection kept."""
+        refusal = self.guard.refusal
+        busy = self.cycle is not None and not self.cycle.response_complete  # pipelined: answers keep their order
+        if refusal is None or busy:
+            return False
+        response = refusal(self.parser.get_method(), self.url)
+        if response is None:
+            return False
+        if self.expect_100_continue:  # the client sends no body now: the connection cannot be reused
+            self.transport.write(response.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1))
+            self.transport.close()
+            return True
+        self.transport.write(response)
+        self._discarding = True
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self._request_started = False
         self._disarm()
+        if self._discarding:  # the request refused early is over: on to the next one
+            self._discarding = False
+            self.on_response_complete()
+            return
         super().on_message_complete()
 
     def _has_body(self) -> bool:

@@ -30,6 +30,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service.admission import early_refusal
 from service.connections import (
     CLOSE_REASONS,
     DRAIN_IDLE_GRACE_S,
@@ -40,6 +41,7 @@ from service.connections import (
     stop_handshakes,
 )
 from service.drain import Drain
+from service.routes import CLASSIFY_ROUTE
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -97,7 +99,14 @@ def connection_guard(settings: Settings, state: ServiceState) -> ConnectionGuard
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
     )
-    guard = ConnectionGuard(limits, on_closed=state.metrics.observe_connection_closed)
+    refusal = early_refusal(
+        state.admission,
+        CLASSIFY_ROUTE,
+        settings.retry_after_s,
+        on_refused=lambda status: state.metrics.observe_request(CLASSIFY_ROUTE, status, 0.0),
+        draining=lambda: state.drain.draining,
+    )
+    guard = ConnectionGuard(limits, on_closed=state.metrics.observe_connection_closed, refusal=refusal)
     state.metrics.track_connections(lambda: guard.open_connections, limits.max_connections)
     for reason in CLOSE_REASONS:
         state.metrics.connections_closed.labels(reason=reason)

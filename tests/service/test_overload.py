@@ -113,14 +113,22 @@ def test_overload_is_refused_before_the_body_is_read(slow_batches: ServerProcess
         for sock, (_, data) in zip(queued, test_images, strict=False):
             sock.sendall(request_bytes(data))
         wait_for_queue_depth(slow_batches, QUEUE_SIZE)
+        before = metrics(slow_batches)
         with connect(slow_batches, timeout=5.0) as late:
-            # Headers announcing 1 MB, and no body: the answer must not wait for it.
+            # Headers announcing 100 kB, and no body yet: the answer must not wait for it.
             late.sendall(
-                b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
+                b"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
             )
             reply = read_response(late)
-        assert reply.startswith(b"HTTP/1.1 503"), reply
-        assert b"retry-after: 1" in reply.lower() and b'"overloaded"' in reply
+            assert reply.startswith(b"HTTP/1.1 503"), reply
+            assert b"retry-after: 1" in reply.lower() and b'"overloaded"' in reply
+            # The connection stays usable: the refused body is read and dropped, then the next request answered.
+            late.sendall(b"\0" * 100000 + b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert read_response(late).startswith(b"HTTP/1.1 200")
+        after = metrics(slow_batches)
+        assert value(after, "ride_requests_total", route="/classify", status="503") == (
+            value(before, "ride_requests_total", route="/classify", status="503") + 1
+        )
         for sock in queued:
             assert read_response(sock).startswith(b"HTTP/1.1 200")
     finally:
