@@ -88,3 +88,15 @@ def test_onnxruntime_threads_default_to_one_on_cuda(monkeypatch: pytest.MonkeyPa
     assert settings.threads_for(cuda=False) == settings.intra_op_threads
     monkeypatch.setenv("RIDE_INTRA_OP_THREADS", "3")  # given: obeyed on CUDA too
     assert Settings().threads_for(cuda=True) == 3
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`RIDE_{name.upper()}`" not in readme]
+    assert missing == []
+    limits = readme[readme.index("### Limits and hardening") :]
+    for name in ("max_body_bytes", "max_pixels", "max_queue_wait_ms", "max_header_bytes", "max_connections"):
+        assert f"`RIDE_{name.upper()}`" in limits, name
+
+
+def test_a_batch_wait_at_or_above_the_queue_wait_is_refused() -> None:
+    with pytest.raises(ValidationError, match="must be below max_queue_wait_ms"):
+        Settings(max_wait_ms=500.0, max_queue_wait_ms=500.0)
