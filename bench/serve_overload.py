@@ -125,6 +125,8 @@ class Pool:
     async def send(self, request: bytes, outcomes: Outcomes) -> None:
         started = time.perf_counter()
         try:
+            while self.free and self.free[-1].reader.at_eof():  # closed by the server while idle: as httpx does
+                self.free.pop().close()
             if self.free:
                 connection = self.free.pop()
             else:
@@ -224,7 +226,12 @@ def start_server(repo: Path, model_dir: Path, cpus: list[int], log_path: Path) -
 
 def server_histograms(port: int) -> dict[str, float]:
     """The server's batch-time sum and count, and its queue-wait histogram (cumulative buckets by bound)."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for _ in range(50):  # at the connection cap a new connection may be refused: try again
+        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        if response.status_code == 200:
+            break
+        time.sleep(0.1)
+    text = response.text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
