@@ -29,6 +29,10 @@ def without_routers(source: Path, folder: Path) -> Path:
             "cascade": manifest.cascade.model_copy(
                 update={"has_routers": False, "all_experts_without_routers": True, "top_z": None}
             ),
+            # The known answers' class logits are every expert's mean already; without routers, no router logits.
+            "known_answers": manifest.known_answers.model_copy(
+                update={"router_logits": [[] for _ in manifest.known_answers.images]}
+            ),
         }
     )
     write_manifest(changed, folder)
