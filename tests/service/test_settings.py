@@ -88,6 +88,8 @@ def test_onnxruntime_threads_default_to_one_on_cuda(monkeypatch: pytest.MonkeyPa
     assert settings.threads_for(cuda=False) == settings.intra_op_threads
     monkeypatch.setenv("RIDE_INTRA_OP_THREADS", "3")  # given: obeyed on CUDA too
     assert Settings().threads_for(cuda=True) == 3
+
+
 def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`RIDE_{name.upper()}`" not in readme]
