@@ -168,7 +168,8 @@ def test_image_alone_serves_its_bundled_model_and_its_healthcheck_passes(stack: 
         reply = httpx.post(f"http://127.0.0.1:{port}/classify", files={"file": (name_, data)}, timeout=30.0)
         assert reply.status_code == 200 and reply.json()["model"]["name"] == "cifar10-lt-ride4", reply.text
         docker("stop", name, timeout=60)
-        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+        exit_code = docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
+        assert exit_code == "0", docker("logs", name, check=False).stderr[-3000:]
     finally:
         docker("rm", "-f", name, check=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.connections import stop_handshakes
 from tests.server_process import ServerProcess, start_server
 from tests.service.test_server import metrics, value
 
 HEADER_LIMIT = 8192
+SO_LOCK_FILTER = 44  # Linux: once set, attaching a socket filter fails with EPERM
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +153,16 @@ def test_slowloris_cannot_starve_the_server(model_dir: Path, tmp_path: Path) -> 
         for sock in sockets:
             sock.close()
         server.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters are Linux only")
+def test_a_refused_socket_filter_does_not_break_the_shutdown() -> None:
+    """Docker refused the drain's socket filter with EPERM, and the server died at SIGTERM with exit 1 and a
+    traceback. A locked filter (SO_LOCK_FILTER) makes the kernel refuse it the same way, here."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
+        assert stop_handshakes(listener) is False
+        with socket.create_connection(listener.getsockname(), timeout=5):
+            pass  # new connections still arrive: nothing was attached
