@@ -100,18 +100,24 @@ def start_server(model_dir: Path, cpus: list[int], batch_size: int, log_path: Pa
     with open(log_path, "wb") as log:
         process = subprocess.Popen(pinned(command, cpus), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_until_ready(process, url, log_path)
+    return process, url
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 120.0) -> None:
+    """Return once ``url``'s /readyz answers 200; end the bench with the server's log if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"server not ready after 120 s:\n{log_path.read_text()}")
+    raise SystemExit(f"server not ready after {timeout_s:g} s:\n{log_path.read_text()}")
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 sys.path.insert(0, str(REPO / "bench"))
 
-from serve_load import DEFAULT_DATA_DIR, free_port, pick_test_images, pinned  # noqa: E402
+from serve_load import DEFAULT_DATA_DIR, free_port, pick_test_images, pinned, wait_until_ready  # noqa: E402
 
 from service.settings import DEFAULT_MODEL_DIR, Settings  # noqa: E402
 
@@ -210,18 +210,8 @@ def start_server(repo: Path, model_dir: Path, cpus: list[int], log_path: Path) -
     command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(pinned(command, cpus), cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process, port
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"server not ready after 120 s:\n{log_path.read_text()}")
+    wait_until_ready(process, f"http://127.0.0.1:{port}", log_path)
+    return process, port
 
 
 def server_histograms(port: int) -> dict[str, float]:
