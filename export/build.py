@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -43,6 +43,8 @@ from export.graphs import (
     plan_graphs,
     read_graph_io,
 )
+from export.int8 import build_int8_folder
+from export.int8_data import int8_images, load_splits
 from export.known_answers import pick_images, record_known_answers
 from export.manifest import (
     MANIFEST_NAME,
@@ -63,14 +65,18 @@ from export.manifest import (
     write_manifest,
 )
 from export.ort_model import GraphRuntimeError, OrtModel
+from export.parity_gate import DEFAULT_MAX_ACCURACY_DROP, GateReport
+from export.quantize import DEFAULT_CALIBRATION_IMAGES
 from export.verify import (
     DEFAULT_NUM_IMAGES,
     VERIFICATION_FILE,
     ParityReport,
     VerificationError,
+    check_graph_files,
     load_verification_images,
     verify_parity,
 )
+from training.config import DataConfig
 from training.data import preprocess
 from training.metrics import CheckpointMetrics
 
@@ -80,11 +86,13 @@ FOLDER_MODE = 0o755
 
 @dataclass
 class ExportResult:
-    """A finished export: where it is, its manifest and the parity report it passed."""
+    """A finished export: where it is, its manifest, the parity report its float32 graphs passed against PyTorch
+    (None when quantized from a model folder) and, for int8, the parity gate it passed."""
 
     folder: Path
     manifest: Manifest
-    report: ParityReport
+    report: ParityReport | None
+    gate: GateReport | None = None
 
 
 def _quiet(_: str) -> None:
@@ -97,46 +105,138 @@ def export_checkpoint(
     *,
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
+    int8: bool = False,
     force: bool = False,
     data_dir: Path | None = None,
     name: str | None = None,
     version: str | None = None,
     num_images: int = DEFAULT_NUM_IMAGES,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    max_accuracy_drop_points: float = DEFAULT_MAX_ACCURACY_DROP,
     log: Log = _quiet,
 ) -> ExportResult:
     """Export ``checkpoint`` into the model folder ``out`` and verify it; see the module docstring.
+
+    With ``int8`` the float32 graphs are exported and verified first, then quantized, calibrated on
+    ``calibration_images`` training images, and gated on the validation split (`export.int8`).
 
     Raises ExportError (bad request, exporter failure, existing ``out`` without ``force``), CheckpointError,
     DataError, ManifestError or VerificationError; in every case nothing is left behind.
     """
     opset = check_opset(opset)
+    if fp16 and int8:
+        raise ExportError("--fp16 and --int8 exclude each other: choose one precision")
     out = Path(out)
     _check_target(out, force)
     model_id = _model_id(name or out.name, version)
     source = load_source(Path(checkpoint))
-    model_id = model_id if version else model_id.model_copy(update={"version": _default_version(source)})
-    new_parent = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        os.chmod(tmp, FOLDER_MODE)  # mkdtemp makes it private; the service may run as another user
-        images = load_verification_images(source.meta, data_dir, num_images)
+    if not version:
+        model_id = model_id.model_copy(update={"version": _default_version(source)})
+    int8_inputs = None
+    if int8:  # read and checked before minutes of export, so that a data problem fails fast
+        meta = source.meta
+        splits = load_splits(meta.config.data, data_dir, class_names=meta.class_names, class_counts=meta.class_counts)
+        int8_inputs = int8_images(
+            splits, calibration_images=calibration_images, mean=meta.input.mean, std=meta.input.std
+        )
+    images = load_verification_images(source.meta, data_dir, num_images)
+    with _staging(out) as tmp:
         manifest = _write_folder(source, tmp, images, model_id=model_id, opset=opset, fp16=fp16, log=log)
         log(f"verifying against PyTorch on {len(images)} test images")
         report = verify_parity(tmp, manifest, source, images)
         log(report.summary())
         if not report.passed:
             raise VerificationError(f"the exported graphs do not match the checkpoint:\n{report.summary()}", report)
-        _write_verification(tmp, report, data_dir)
+        record = _write_verification(tmp, report, data_dir)
+        if int8_inputs is None:
+            _install(tmp, out, force)
+            log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
+            return ExportResult(out, manifest, report)
+        with _staging(out) as tmp8:
+            # The float32 stage keeps the plain version: it is what `quantization.quantized_from` names.
+            int8_id = model_id if version else model_id.model_copy(update={"version": f"{model_id.version}-int8"})
+            manifest, gate = build_int8_folder(
+                tmp,
+                manifest,
+                tmp8,
+                int8_inputs,
+                model_id=int8_id,
+                max_accuracy_drop_points=max_accuracy_drop_points,
+                float32_record=record,
+                log=log,
+            )
+            _install(tmp8, out, force)
+    log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
+    return ExportResult(out, manifest, report, gate)
+
+
+def quantize_model(
+    folder: Path,
+    out: Path,
+    data_cfg: DataConfig,
+    *,
+    data_dir: Path | None = None,
+    force: bool = False,
+    name: str | None = None,
+    version: str | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    max_accuracy_drop_points: float = DEFAULT_MAX_ACCURACY_DROP,
+    log: Log = _quiet,
+) -> ExportResult:
+    """Quantize the verified float32 model folder ``folder`` into the int8 model folder ``out``.
+
+    For a model whose checkpoint is no longer at hand: ``data_cfg`` is the training run's data config, from which
+    the training split (calibration) and the validation split (the gate) are rebuilt and checked against the
+    manifest's classes and training counts. Raises as :func:`export_checkpoint`; nothing is left behind.
+    """
+    folder, out = Path(folder), Path(out)
+    _check_target(out, force)
+    manifest = load_manifest(folder, check_hashes=True)
+    if manifest.precision != "float32":
+        raise ExportError(f"only float32 models can be quantized; {folder} is {manifest.precision}")
+    check_graph_files(folder, manifest)
+    model_id = _model_id(name or out.name, version or f"{manifest.model.version}-int8")
+    classes = manifest.classes
+    splits = load_splits(
+        data_cfg, data_dir, class_names=[c.name for c in classes], class_counts=[c.train_count for c in classes]
+    )
+    spec = manifest.input
+    images = int8_images(splits, calibration_images=calibration_images, mean=spec.mean, std=spec.std)
+    record_path = folder / VERIFICATION_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    with _staging(out) as tmp:
+        manifest, gate = build_int8_folder(
+            folder,
+            manifest,
+            tmp,
+            images,
+            model_id=model_id,
+            max_accuracy_drop_points=max_accuracy_drop_points,
+            float32_record=record,
+            log=log,
+        )
         _install(tmp, out, force)
+    log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
+    return ExportResult(out, manifest, None, gate)
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh private folder next to ``out``, removed on the way out unless it was renamed into place (and the
+    parent of ``out`` too, if this created it and it is still empty after a failure)."""
+    new_parent = not out.parent.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        os.chmod(tmp, FOLDER_MODE)  # mkdtemp makes it private; the service may run as another user
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if new_parent:
             with contextlib.suppress(OSError):  # only if still empty
                 out.parent.rmdir()
         raise
-    log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
-    return ExportResult(out, manifest, report)
+    shutil.rmtree(tmp, ignore_errors=True)  # still there only when it was a float32 stage of an int8 export
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -293,13 +393,14 @@ def ride_serve_version() -> str:
             return "unknown"
 
 
-def _write_verification(folder: Path, report: ParityReport, data_dir: Path | None) -> None:
+def _write_verification(folder: Path, report: ParityReport, data_dir: Path | None) -> dict:
     record = {
         "verified_at": datetime.now(UTC).isoformat(),
         "data_dir": str(data_dir) if data_dir is not None else "checkpoint's data.root",
         **report.to_dict(),
     }
     (folder / VERIFICATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def _install(tmp: Path, out: Path, force: bool) -> None:

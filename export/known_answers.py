@@ -24,7 +24,9 @@ from export.manifest import InputSpec, KnownAnswers, Manifest, ManifestError
 
 KNOWN_ANSWER_IMAGES = 4
 # |answer - known| <= atol + rtol * |known|, per precision of the graphs.
-TOLERANCE = {"float32": (2e-2, 1e-2), "float16": (1e-1, 5e-2)}
+# int8 graphs round activations to 8 bits at every layer: kernels of other instruction sets (AVX2, AVX-512 VNNI)
+# may round a value the other way, which the next layers carry on; another set of weights moves logits by far more.
+TOLERANCE = {"float32": (2e-2, 1e-2), "float16": (1e-1, 5e-2), "int8": (1e-1, 5e-2)}
 
 
 def encode_png(pixels: np.ndarray) -> str:

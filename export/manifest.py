@@ -11,7 +11,8 @@ graph's sha256, and, when one is pinned, the folder's digest (`folder_digest`: t
 which holds every graph's sha256, so one value pins everything the server loads: a graph edited together with its
 hash in the manifest changes it). Format 2 added the known answers (`KnownAnswers`, checked by
 `export.known_answers`); a format-1 manifest is refused with the advice to re-export: without known answers its
-graphs cannot be checked.
+graphs cannot be checked. An int8 folder carries a `Quantization` record as well (optional in the format: float32
+and float16 manifests have none).
 """
 
 from __future__ import annotations
@@ -163,6 +164,54 @@ class EvalMetrics(_Strict):
     relative_compute: float | None = None
 
 
+Precision = Literal["float32", "float16", "int8"]
+GraphPrecision = Literal["float32", "int8"]
+
+
+class Calibration(_Strict):
+    """Where the int8 activation ranges came from: training images only, never validation or test images."""
+
+    split: Literal["train"] = "train"
+    num_images: int = Field(ge=1)
+    selection: str = Field(description="How the images were picked from the split.")
+    method: Literal["minmax"] = Field("minmax", description="Activation range: min and max seen in calibration.")
+
+
+class ParityGate(_Strict):
+    """The int8 cascade against the float32 one on held-out validation images, at the default threshold."""
+
+    split: Literal["validation"] = "validation"
+    num_images: int = Field(ge=1)
+    threshold: float
+    top1_agreement: float = Field(ge=0, le=1, description="Fraction of images with the same top-1 class.")
+    float32_accuracy: float = Field(ge=0, le=1)
+    int8_accuracy: float = Field(ge=0, le=1)
+    accuracy_change_points: float = Field(description="int8 minus float32 accuracy, in percentage points.")
+    float32_mean_experts: float
+    int8_mean_experts: float
+    max_accuracy_drop_points: float = Field(ge=0, description="The export refuses a larger drop.")
+
+
+class Quantization(_Strict):
+    """How an int8 model folder was made (onnxruntime static quantization) and what its parity gate measured."""
+
+    quantized_from: ModelId = Field(description="The float32 model whose graphs were quantized.")
+    format: Literal["QDQ"] = "QDQ"
+    weights: Literal["int8 per-channel symmetric"] = "int8 per-channel symmetric"
+    reduce_range: bool = Field(
+        description="Weights in [-64, 63] (7 bits): no int16 saturation on x86 CPUs without VNNI."
+    )
+    activations: Literal["uint8 per-tensor asymmetric"] = "uint8 per-tensor asymmetric"
+    op_types: list[str] = Field(min_length=1, description="Operator types quantized; the rest stays float32.")
+    graphs: dict[str, GraphPrecision] = Field(description="Precision of each graph file.")
+    router_decisions_moved: list[int] = Field(
+        description="Per router: calibration rows whose exit decision an int8 router changed (any: kept float32)."
+    )
+    calibration: Calibration
+    parity_gate: ParityGate
+    onnxruntime: str
+
+
 class ToolVersions(_Strict):
     ride_serve: str
     python: str
@@ -187,7 +236,7 @@ class Manifest(_Strict):
     format_version: Literal[2] = FORMAT_VERSION
     model: ModelId
     source_checkpoint: SourceCheckpoint
-    precision: Literal["float32", "float16"] = "float32"
+    precision: Precision = "float32"
     classes: list[ClassInfo] = Field(min_length=2)
     input: InputSpec
     graphs: Graphs
@@ -195,6 +244,7 @@ class Manifest(_Strict):
     metrics: EvalMetrics
     exported_with: ToolVersions
     known_answers: KnownAnswers
+    quantization: Quantization | None = Field(None, description="Present exactly when precision is int8.")
 
     def graph_specs(self) -> list[GraphSpec]:
         return self.graphs.specs()
@@ -248,6 +298,12 @@ def _check_consistency(manifest: Manifest) -> None:
         raise ManifestError(f"known_answers: every logits row must have {len(manifest.classes)} values (one per class)")
     if any(len(row) != len(graphs.routers) for row in known.router_logits):
         raise ManifestError(f"known_answers: every router_logits row must have {len(graphs.routers)} values")
+    if (manifest.precision == "int8") != (manifest.quantization is not None):
+        raise ManifestError("a quantization record is required with precision int8, and allowed only then")
+    if manifest.quantization is not None:
+        files = sorted(spec.file for spec in manifest.graph_specs())
+        if sorted(manifest.quantization.graphs) != files:
+            raise ManifestError(f"quantization.graphs must name every graph file exactly once: {files}")
 
 
 def validate_manifest_dict(data: dict, source: str = MANIFEST_NAME) -> Manifest:

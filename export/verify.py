@@ -31,9 +31,11 @@ import torch
 
 from cascade import CascadeResult, run_cascade
 from export.graphs import ExportError, SourceModel, check_graph, load_source, read_graph_io
+from export.int8_data import load_splits
 from export.known_answers import check_known_answers
 from export.manifest import Manifest, ManifestError, load_manifest
 from export.ort_model import GraphRuntimeError, OrtModel
+from export.parity_gate import GateReport, run_gate
 from training.checkpoint import CheckpointMeta, check_same_classes
 from training.data import DataError, load_data, normalize
 from training.data.cifar import find_cifar_dir
@@ -48,7 +50,7 @@ VERIFICATION_FILE = "verification.json"
 class VerificationError(RuntimeError):
     """The model folder does not match its checkpoint (parity), or cannot be verified against it."""
 
-    def __init__(self, message: str, report: ParityReport | None = None) -> None:
+    def __init__(self, message: str, report: ParityReport | GateReport | None = None) -> None:
         super().__init__(message)
         self.report = report
 
@@ -405,13 +407,14 @@ def verify_model_folder(
     data_dir: Path | None = None,
     num_images: int = DEFAULT_NUM_IMAGES,
     provider: str = "cpu",
-) -> ParityReport:
+) -> ParityReport | GateReport:
     """Re-check a model folder: schema, graph hashes, graph rules, known answers, then parity with its checkpoint.
 
     ``checkpoint`` defaults to the path recorded in the manifest; ``provider`` "cuda" runs the graphs on the CUDA
-    provider with the service's options (TF32 off), at the same tolerances. Raises ManifestError (schema, hash,
-    graph rules, known answers), CheckpointError / DataError (inputs) or VerificationError (parity, wrong
-    checkpoint, a provider that cannot run here).
+    provider with the service's options (TF32 off), at the same tolerances. An int8 folder is judged by its parity
+    gate instead, against the checkpoint's float32 cascade on the validation split, with the bound its manifest
+    records. Raises ManifestError (schema, hash, graph rules, known answers), CheckpointError / DataError (inputs)
+    or VerificationError (parity or gate, wrong checkpoint, a provider that cannot run here).
     """
     folder = Path(folder)
     manifest = load_manifest(folder, check_hashes=True)
@@ -422,8 +425,38 @@ def verify_model_folder(
         raise VerificationError(str(error)) from None
     source = load_source(Path(checkpoint) if checkpoint is not None else Path(manifest.source_checkpoint.path))
     check_source_matches(manifest, source)
+    if manifest.quantization is not None:
+        gate = verify_int8_gate(folder, manifest, source, data_dir=data_dir, provider=provider)
+        if not gate.passed:
+            raise VerificationError(f"{folder} fails its int8 parity gate:\n{gate.summary()}", gate)
+        return gate
     images = load_verification_images(source.meta, data_dir, num_images)
     report = verify_parity(folder, manifest, source, images, provider=provider)
     if not report.passed:
         raise VerificationError(f"{folder} does not match its checkpoint:\n{report.summary()}", report)
     return report
+
+
+@torch.no_grad()
+def verify_int8_gate(
+    folder: Path, manifest: Manifest, source: SourceModel, *, data_dir: Path | None, provider: str = "cpu"
+) -> GateReport:
+    """The int8 graphs in ``folder`` against the PyTorch checkpoint's cascade on the run's validation split."""
+    assert manifest.quantization is not None
+    meta = source.meta
+    splits = load_splits(meta.config.data, data_dir, class_names=meta.class_names, class_counts=meta.class_counts)
+    assert splits.val is not None  # load_splits refuses a run without one
+    images = normalized(splits.val.images.numpy(), meta)
+    reference = ReplayGraphs(source.model(images), source.routers, manifest.cost_model())
+    try:
+        return run_gate(
+            reference,
+            OrtModel(folder, manifest.graphs, provider),
+            np.arange(len(images)),
+            images.numpy(),
+            splits.val.labels.numpy(),
+            threshold=manifest.cascade.default_threshold,
+            max_accuracy_drop_points=manifest.quantization.parity_gate.max_accuracy_drop_points,
+        )
+    except GraphRuntimeError as error:
+        raise VerificationError(str(error)) from None

@@ -267,3 +267,18 @@ def early_exit_fp16_model_dir(early_exit_model_dir: Path, tmp_path_factory: pyte
 def model_dir(early_exit_model_dir: Path) -> Path:
     """The model folder the service and deployment tests serve: ``early_exit_model_dir``."""
     return early_exit_model_dir
+
+
+@pytest.fixture(scope="session")
+def early_exit_int8_model_dir(early_exit_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``early_exit_checkpoint`` exported with ``--int8`` by the real exporter into ``tiny-early-exit-int8``: the
+    float32 graphs verified against PyTorch, then quantized (calibrated on the tiny run's 129 training images)
+    and gated on its validation split (30 images). The tiny model is barely trained, so the gate's bound is
+    opened to 100 points: these fixtures exercise the mechanics; the gate's rule is tested on its own. Read-only."""
+    from export.build import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exported-int8") / "tiny-early-exit-int8"
+    with one_torch_thread():
+        return export_checkpoint(
+            early_exit_checkpoint, out, int8=True, num_images=64, max_accuracy_drop_points=100.0
+        ).folder
