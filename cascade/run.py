@@ -10,7 +10,7 @@ of the experts it used, and does not depend on which other rows share its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,12 +32,13 @@ class CascadeGraphs(Protocol):
     @property
     def cost(self) -> CostModel: ...
 
-    def trunk(self, images: np.ndarray) -> np.ndarray:
-        """The shared feature map of every row."""
+    def trunk(self, images: np.ndarray) -> Any:
+        """The shared feature map of every row: an array, or anything whose rows an index array selects (the
+        service keeps it on the device that computed it); the cascade only selects rows and hands them on."""
         ...
 
-    def expert(self, k: int, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Expert k's logits ``[n, C]`` and pooled feature ``[n, d]``."""
+    def expert(self, k: int, shared: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Expert k's logits ``[n, C]`` and pooled feature ``[n, d]``, from rows of the trunk's output."""
         ...
 
     def router(self, k: int, mean_logits: np.ndarray, feature: np.ndarray) -> np.ndarray:

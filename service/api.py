@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
             inter_op_threads=settings.inter_op_threads,
             cuda=cuda_options(settings),
             expected_digest=settings.model_sha256,
+            io_binding=settings.io_binding,
         )
     state = ServiceState(settings, model)
 

@@ -1,9 +1,13 @@
 """Dynamic batching: requests wait a little so that they run through the cascade together.
 
-The first request of a batch waits at most ``max_wait_s`` (counted from its arrival) for others, up to
-``max_batch_size`` rows; the batch then runs in a dedicated inference thread, so the event loop keeps accepting and
-decoding requests meanwhile, and those form the next batch. Requests accepted but not yet running are bounded by
-``max_queue_size``: beyond it `submit` raises `OverloadedError` at once instead of letting latency grow.
+A request that finds no other waiting runs at once: holding it for company that may not come would only add
+latency (the fast path; at concurrency 1 it was the whole ``max_wait_s``), unless ``wait_when_idle`` asks for the
+wait anyway (a GPU, where a batch of several costs what one image costs, may prefer it). Requests that queue up
+while a batch runs form the next batch: its first request waits at most ``max_wait_s`` (counted from its arrival)
+for more, up to ``max_batch_size`` rows; the batch then runs in a dedicated inference thread, so the event loop
+keeps accepting and decoding requests meanwhile, and those form the next batch. Requests accepted but not yet
+running are bounded by ``max_queue_size``: beyond it `submit` raises `OverloadedError` at once instead of letting
+latency grow.
 
 With ``buckets`` (the server gives them on CUDA, :func:`batch_buckets`) a batch is padded with blank rows up to
 the next bucket size, so the GPU only ever sees the batch shapes that were warmed up; the blank rows stop after
@@ -94,8 +98,10 @@ class Batcher:
         max_queue_wait_s: float = math.inf,
         on_batch: BatchObserver | None = None,
         buckets: Sequence[int] = (),
+        wait_when_idle: bool = False,
     ) -> None:
         self._infer = infer
+        self._wait_when_idle = wait_when_idle
         self._buckets = tuple(buckets)
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
@@ -198,6 +204,8 @@ class Batcher:
         # company starts with the first request still due; cancelled ones are skipped, expired ones dropped.
         while not batch:
             self._take(await queue.get(), batch)
+        if queue.empty() and not self._wait_when_idle:
+            return  # the fast path: nobody else is waiting
         deadline = batch[0].enqueued_at + self._max_wait_s
         while len(batch) < self._max_batch_size:
             if not queue.empty():

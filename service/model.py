@@ -1,5 +1,11 @@
 """Loading a model folder into onnxruntime sessions: provider choice, one thread pool, sanity run, warm-up.
 
+With I/O binding (``io_binding``; on by default with CUDA), the trunk's output stays where onnxruntime computed
+it, as an `onnxruntime.OrtValue`, and the experts read it there: a contiguous run of rows (every row, one row,
+or rows that all continue) is bound as a view of that memory, so nothing goes to the host and back between the
+trunk and the experts. Only a scattered selection of rows (some exited in between) is gathered through the host,
+once per batch. Expert and router outputs, which the decision rule reads, come back to the host.
+
 Only onnxruntime and numpy here (no torch): this is what the serving environment installs.
 """
 
@@ -130,16 +136,94 @@ def _create_session(
     return session
 
 
+class _TrunkOutput:
+    """The trunk's output in onnxruntime's memory, and its host copy once one is needed."""
+
+    def __init__(self, value: ort.OrtValue, dtype: type) -> None:
+        self.value = value
+        self.dtype = dtype
+        self.shape = tuple(value.shape())
+        self.row_bytes = int(np.prod(self.shape[1:])) * np.dtype(dtype).itemsize
+        self._host: np.ndarray | None = None
+
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self.value.numpy()
+        return self._host
+
+
+@dataclass(frozen=True)
+class DeviceRows:
+    """Rows ``start:stop`` of a trunk output left on the device: what `OnnxModel.trunk` returns with I/O binding.
+
+    Selecting rows, as the cascade does, gives a view when they are consecutive and host rows otherwise.
+    """
+
+    output: _TrunkOutput
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, rows: np.ndarray) -> DeviceRows | np.ndarray:
+        rows = np.asarray(rows) + self.start
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size and np.all(np.diff(rows) == 1):
+            return DeviceRows(self.output, int(rows[0]), int(rows[-1]) + 1)
+        return self.output.host()[rows]
+
+    def to_host(self) -> np.ndarray:
+        return self.output.host()[self.start : self.stop]
+
+
 @dataclass(frozen=True)
 class _Graph:
     session: ort.InferenceSession
     input_dtypes: dict[str, type]  # from the manifest: float16 graphs take float16 inputs
     output_names: list[str]
+    output_dtypes: dict[str, type]
+    device: tuple[str, int] | None = None  # (onnxruntime device type, id) when I/O binding is on
 
-    def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
-        feed = {name: np.ascontiguousarray(value, dtype=self.input_dtypes[name]) for name, value in inputs.items()}
-        outputs = self.session.run(self.output_names, feed)
-        return [np.asarray(o, dtype=np.float32) for o in outputs]
+    def run(self, **inputs: np.ndarray | DeviceRows) -> list[np.ndarray]:
+        if self.device is None:
+            feed = {name: np.ascontiguousarray(value, dtype=self.input_dtypes[name]) for name, value in inputs.items()}
+            outputs = self.session.run(self.output_names, feed)
+            return [np.asarray(o, dtype=np.float32) for o in outputs]
+        binding = self._bind_inputs(inputs)
+        for name in self.output_names:
+            binding.bind_output(name)  # to the host: the decision rule reads these
+        self.session.run_with_iobinding(binding)
+        return [np.asarray(o, dtype=np.float32) for o in binding.copy_outputs_to_cpu()]
+
+    def run_on_device(self, **inputs: np.ndarray) -> DeviceRows:
+        """Run a one-output graph and leave its output on the device (I/O binding only)."""
+        assert self.device is not None and len(self.output_names) == 1
+        binding = self._bind_inputs(inputs)
+        device_type, device_id = self.device
+        binding.bind_output(self.output_names[0], device_type, device_id)
+        self.session.run_with_iobinding(binding)
+        (value,) = binding.get_outputs()
+        output = _TrunkOutput(value, self.output_dtypes[self.output_names[0]])
+        return DeviceRows(output, 0, output.shape[0])
+
+    def _bind_inputs(self, inputs: dict[str, np.ndarray | DeviceRows]) -> ort.IOBinding:
+        assert self.device is not None
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, DeviceRows):
+                output = value.output
+                device_type, device_id = self.device
+                binding.bind_input(
+                    name,
+                    device_type,
+                    device_id,
+                    output.dtype,
+                    [len(value), *output.shape[1:]],
+                    output.value.data_ptr() + value.start * output.row_bytes,
+                )
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=self.input_dtypes[name]))
+        return binding
 
     @classmethod
     def create(
@@ -149,10 +233,19 @@ class _Graph:
         providers: list[ProviderEntry],
         options: ort.SessionOptions,
         output_names: list[str],
+        io_binding: str = "off",
     ) -> _Graph:
         session = _create_session(folder, spec, providers, options)
-        dtypes = {t.name: _NUMPY_DTYPES[t.dtype] for t in spec.inputs}
-        return cls(session=session, input_dtypes=dtypes, output_names=output_names)
+        in_use = session.get_providers()[0]
+        bound = io_binding == "on" or (io_binding == "auto" and in_use == CUDA)
+        device = ("cuda", 0) if in_use == CUDA else ("cpu", 0)
+        return cls(
+            session=session,
+            input_dtypes={t.name: _NUMPY_DTYPES[t.dtype] for t in spec.inputs},
+            output_names=output_names,
+            output_dtypes={t.name: _NUMPY_DTYPES[t.dtype] for t in spec.outputs},
+            device=device if bound else None,
+        )
 
 
 class OnnxModel:
@@ -194,10 +287,17 @@ class OnnxModel:
         first = {providers[0] for providers in self.providers_by_graph.values()}
         return first.pop() if len(first) == 1 else "mixed:" + ",".join(sorted(first))
 
-    def trunk(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def io_binding(self) -> bool:
+        """True when the trunk's output stays on the device between graph calls."""
+        return self._trunk.device is not None
+
+    def trunk(self, images: np.ndarray) -> np.ndarray | DeviceRows:
+        if self.io_binding:
+            return self._trunk.run_on_device(**{TRUNK_INPUT: images})
         return self._trunk.run(**{TRUNK_INPUT: images})[0]
 
-    def expert(self, k: int, shared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def expert(self, k: int, shared: np.ndarray | DeviceRows) -> tuple[np.ndarray, np.ndarray]:
         logits, feature = self._experts[k - 1].run(**{EXPERT_INPUT: shared})
         return logits, feature
 
@@ -229,6 +329,7 @@ def load_model(
     shared_thread_pool: bool = True,
     cuda: CudaOptions | None = None,
     expected_digest: str | None = None,
+    io_binding: str = "auto",
 ) -> OnnxModel:
     """Load and check a model folder, and create its sessions.
 
@@ -244,7 +345,12 @@ def load_model(
     per-session pools fight over the cores and made the split cascade up to 5x slower. That pool is process
     state: once it exists, every later session in the process must set ``use_per_session_threads = False``
     (an onnxruntime rule), so code that shares a process with other onnxruntime users (tests) passes False.
+
+    ``io_binding`` (``auto``: with CUDA only; ``on``; ``off``) keeps the trunk's output on the device between
+    graph calls (see the module docstring).
     """
+    if io_binding not in ("auto", "on", "off"):
+        raise ValueError(f"unknown io_binding choice {io_binding!r}: expected auto, on or off")
     folder = Path(folder)
     try:
         manifest = load_manifest(folder, check_hashes=True, expected_digest=expected_digest)
@@ -265,6 +371,7 @@ def load_model(
             shared_thread_pool,
             intra_op_threads,
             profiles,
+            io_binding,
         )
         if provider == "cuda" and model.provider != CUDA:
             raise ModelLoadError(cuda_unavailable_message(model.provider))
@@ -305,15 +412,18 @@ def _load_sessions(
     shared_thread_pool: bool,
     intra_op_threads: int,
     profiles: Path | None,
+    io_binding: str,
 ) -> OnnxModel:
     def options(spec: GraphSpec) -> ort.SessionOptions:
         prefix = profiles / Path(spec.file).stem if profiles is not None else None
         return _session_options(shared_thread_pool, intra_op_threads, prefix)
 
-    graphs = [_Graph.create(folder, manifest.graphs.trunk, providers, options(manifest.graphs.trunk), [TRUNK_OUTPUT])]
+    trunk = manifest.graphs.trunk
+    graphs = [_Graph.create(folder, trunk, providers, options(trunk), [TRUNK_OUTPUT], io_binding)]
     for spec in manifest.graphs.experts:
-        graphs.append(_Graph.create(folder, spec, providers, options(spec), [EXPERT_LOGITS, EXPERT_FEATURE]))
-    for spec in manifest.graphs.routers:
+        outputs = [EXPERT_LOGITS, EXPERT_FEATURE]
+        graphs.append(_Graph.create(folder, spec, providers, options(spec), outputs, io_binding))
+    for spec in manifest.graphs.routers:  # small inputs from the host and outputs to it: nothing to keep
         graphs.append(_Graph.create(folder, spec, providers, options(spec), [ROUTER_OUTPUT]))
     return OnnxModel(manifest, folder, graphs)
 

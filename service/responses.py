@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.manifest import Manifest
 from service.batcher import RowResult
 from service.schemas import (
     ClassifyResponse,
@@ -60,6 +61,7 @@ def model_summary(state: ServiceState) -> ModelSummary:
             full_ensemble_macs=cost.full_ensemble_macs,
         ),
         evaluation=manifest.metrics.model_dump(),
+        quantization=manifest.quantization.model_dump() if manifest.quantization is not None else None,
     )
 
 
@@ -74,4 +76,16 @@ def v2_metadata(state: ServiceState) -> V2ModelMetadata:
         platform="onnxruntime_onnx",
         inputs=[V2Tensor(name="image", datatype=datatype, shape=[-1, spec.channels, spec.height, spec.width])],
         outputs=[V2Tensor(name="probabilities", datatype="FP32", shape=[-1, len(manifest.classes)])],
+        parameters=v2_parameters(manifest),
     )
+
+
+def v2_parameters(manifest: Manifest) -> dict[str, object]:
+    """The model's precision and, for int8, what its calibration and parity gate were."""
+    parameters: dict[str, object] = {"precision": manifest.precision}
+    quantization = manifest.quantization
+    if quantization is not None:
+        parameters["calibration"] = quantization.calibration.model_dump()
+        parameters["parity_gate"] = quantization.parity_gate.model_dump()
+        parameters["graphs"] = dict(quantization.graphs)
+    return parameters

@@ -91,6 +91,9 @@ class ModelSummary(BaseModel):
     classes: list[ClassSummary]
     cost: CostSummary
     evaluation: dict[str, object] = Field(description="The manifest's metrics from the exporter's evaluation.")
+    quantization: dict[str, object] | None = Field(
+        None, description="int8 models: how they were quantized and calibrated, and their parity gate's figures."
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -112,10 +115,13 @@ class V2Tensor(BaseModel):
 
 
 class V2ModelMetadata(BaseModel):
-    """KServe v2 model metadata."""
+    """KServe v2 model metadata, with the protocol's optional ``parameters`` extension object."""
 
     name: str
     versions: list[str]
     platform: str
     inputs: list[V2Tensor]
     outputs: list[V2Tensor]
+    parameters: dict[str, object] = Field(
+        description="precision (float32, float16, int8); for int8 also calibration and parity_gate."
+    )

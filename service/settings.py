@@ -67,9 +67,23 @@ class Settings(BaseSettings):
     cuda_arena_extend_strategy: Literal["same_as_requested", "next_power_of_two"] = Field(
         "same_as_requested", description="How onnxruntime's CUDA memory arena grows."
     )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Keep the trunk's output on the device between graph calls (onnxruntime I/O binding); auto: "
+        "with CUDA only.",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch the dynamic batcher forms.")
+    wait_when_idle: bool = Field(
+        False,
+        description="A request that finds no other waiting also waits max_wait_ms for company (off: it runs at once; "
+        "on suits a GPU, where a batch of several costs what one image costs).",
+    )
     max_wait_ms: float = Field(
-        2.0, ge=0.0, le=10_000.0, description="How long a batch waits for more requests after its first one."
+        2.0,
+        ge=0.0,
+        le=10_000.0,
+        description="How long a batch formed while another ran waits for more requests after its first one (a "
+        "request that finds none waiting runs at once).",
     )
     max_queue_size: int = Field(
         256, ge=1, description="Requests waiting for inference beyond which new ones get 503 + Retry-After."

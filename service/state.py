@@ -52,6 +52,7 @@ class ServiceState:
             max_wait_s=settings.max_wait_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
             max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
+            wait_when_idle=settings.wait_when_idle,
             on_batch=self.metrics.observe_batch,
             # On CUDA every new batch shape costs kernel selection and memory: batches are padded to the warmed sizes.
             buckets=batch_buckets(settings.max_batch_size) if model.provider == CUDA else (),

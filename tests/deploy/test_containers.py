@@ -285,7 +285,8 @@ def test_down_drains_requests_in_flight_and_the_server_exits_0(stack: Stack) -> 
 
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
         futures = [pool.submit(classify, images[i % len(images)]) for i in range(IN_FLIGHT)]
-        # The 2 s batching window of compose.test.yml holds them in the queue: SIGTERM finds them in flight.
+        # The 2 s batching window of compose.test.yml (lone requests wait too) holds them in the queue: SIGTERM
+        # finds them in flight.
         deadline = time.monotonic() + 10
         while queue_depth() < IN_FLIGHT and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -55,3 +55,37 @@ def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> N
     assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
     assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "max_experts"}
+
+
+def test_a_classification_never_waits_for_the_thread_pool(loaded_model, model_dir: Path, test_images) -> None:
+    """Starlette's thread pool (where FastAPI runs plain-function dependencies) is held by another task: a small
+    image must still be classified, with no round trip to another thread on its way (it hung here when the
+    state dependency was a plain function)."""
+    import threading
+
+    import anyio
+
+    app = create_app(Settings(model_dir=model_dir), model=loaded_model)
+    state = app.state.service
+    body = test_images[0][1]
+
+    async def scenario() -> httpx.Response:
+        await state.batcher.start()
+        await state.warm_up()
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 1
+        release = threading.Event()
+        holder = asyncio.ensure_future(anyio.to_thread.run_sync(release.wait))
+        await asyncio.sleep(0.05)  # the holder has taken the pool's only token
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                request = client.post("/classify", content=body, headers={"content-type": "image/jpeg"})
+                return await asyncio.wait_for(request, 60)
+        finally:
+            release.set()
+            await holder
+            await state.batcher.stop(1.0)
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200 and 1 <= response.json()["experts_used"] <= 3

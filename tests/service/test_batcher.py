@@ -52,6 +52,23 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_rows(loaded_model, 
     assert all(r.batch_size == 20 and 0 <= r.queue_seconds < 5 for r in results)
 
 
+def test_a_lone_request_runs_without_waiting_for_company(loaded_model, images: np.ndarray) -> None:
+    """With an hour of batching wait, a request that finds the queue empty still runs at once (it would hang
+    here without the fast path); requests that are queued together still share a batch."""
+    sizes: list[int] = []
+
+    async def scenario():
+        batcher = make_batcher(loaded_model, sizes, max_wait_s=3600.0)
+        await batcher.start()
+        alone = await asyncio.wait_for(batcher.submit(images[0], threshold=0.5, max_experts=1), 60)
+        again = await asyncio.wait_for(batcher.submit(images[1], threshold=0.5, max_experts=1), 60)
+        await batcher.stop(1.0)
+        return alone, again
+
+    alone, again = asyncio.run(scenario())
+    assert sizes == [1, 1] and alone.batch_size == again.batch_size == 1
+
+
 def test_batches_never_exceed_the_maximum(loaded_model, images: np.ndarray) -> None:
     sizes: list[int] = []
 

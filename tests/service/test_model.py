@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
+from cascade import run_cascade
 from export.manifest import MANIFEST_NAME, expert_file, folder_digest, load_manifest, router_file, sha256_file
 from service.errors import ModelLoadError
-from service.model import CPU, CUDA, load_model, requested_providers
+from service.images import ImageDecoder
+from service.model import CPU, CUDA, DeviceRows, load_model, requested_providers
 
 
 def copy_folder(source: Path, target: Path) -> Path:
@@ -201,3 +203,44 @@ def test_a_format_1_manifest_is_refused_with_advice(model_dir: Path, tmp_path: P
     edit_manifest(folder, downgrade)
     with pytest.raises(ModelLoadError, match=r"manifest format 1.*re-export the model"):
         load(folder)
+
+
+@pytest.fixture(scope="module")
+def real_images(model_dir: Path, test_images) -> np.ndarray:
+    decoder = ImageDecoder(load_manifest(model_dir).input, max_pixels=10**6)
+    return np.stack([decoder.decode(data) for _, data in test_images])
+
+
+@pytest.mark.parametrize("folder_fixture", ["early_exit_model_dir", "early_exit_fp16_model_dir"])
+def test_io_binding_gives_the_same_answers(folder_fixture: str, real_images: np.ndarray, request) -> None:
+    """On the CPU provider too, where OrtValue binding works as on CUDA: every threshold mixes exits, so rows are
+    selected as views (all rows, one row, consecutive runs) and through the host (scattered rows)."""
+    folder = request.getfixturevalue(folder_fixture)
+    plain = load_model(folder, provider="cpu", shared_thread_pool=False, io_binding="off")
+    bound = load_model(folder, provider="cpu", shared_thread_pool=False, io_binding="on")
+    assert (plain.io_binding, bound.io_binding) == (False, True)
+    images = real_images.astype(np.float16 if folder_fixture.endswith("fp16_model_dir") else np.float32)
+    for threshold in (0.0, 0.3, 0.5, 0.7, 1.0):
+        for rows in (images[:1], images[1:2], images):
+            expected = run_cascade(plain, rows, thresholds=threshold, max_experts=3)
+            got = run_cascade(bound, rows, thresholds=threshold, max_experts=3)
+            np.testing.assert_array_equal(got.experts_used, expected.experts_used)
+            np.testing.assert_array_equal(got.logits, expected.logits)
+
+
+def test_trunk_output_stays_on_the_device_for_consecutive_rows(model_dir: Path, real_images: np.ndarray) -> None:
+    model = load_model(model_dir, provider="cpu", shared_thread_pool=False, io_binding="on")
+    shared = model.trunk(real_images[:8])
+    assert isinstance(shared, DeviceRows) and len(shared) == 8
+    view = shared[np.arange(2, 6)]
+    assert isinstance(view, DeviceRows) and (view.start, view.stop) == (2, 6)
+    assert isinstance(view[np.array([1])], DeviceRows)  # one row of a view: still a view, rows 3:4
+    scattered = shared[np.array([0, 3, 7])]
+    assert isinstance(scattered, np.ndarray) and scattered.shape[0] == 3
+    host = shared.to_host()
+    np.testing.assert_array_equal(view.to_host(), host[2:6])
+    np.testing.assert_array_equal(scattered, host[[0, 3, 7]])
+    # An expert reading a view of the device memory answers as on the same rows copied to the host.
+    for got, expected in zip(model.expert(2, view), model.expert(2, host[2:6]), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert not load_model(model_dir, provider="cpu", shared_thread_pool=False).io_binding  # auto: CUDA only

@@ -87,6 +87,7 @@ def slow_batches(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         model_dir,
         log_path,
         RIDE_MAX_WAIT_MS="2000",
+        RIDE_WAIT_WHEN_IDLE="true",
         RIDE_MAX_QUEUE_WAIT_MS="10000",
         RIDE_MAX_BATCH_SIZE="64",
         RIDE_MAX_QUEUE_SIZE=str(QUEUE_SIZE),

@@ -249,11 +249,13 @@ def test_health_and_model_metadata(client: httpx.Client, model_dir: Path) -> Non
     assert client.get(f"/v2/models/{name}/ready").json() == {"ready": True}
     (summary,) = client.get("/v1/models").json()["models"]
     assert summary["provider"] == "CPUExecutionProvider"
+    assert (summary["precision"], summary["quantization"]) == ("float32", None)
     assert (summary["num_experts"], summary["has_routers"], summary["default_threshold"]) == (NUM_EXPERTS, True, 0.5)
     cost = summary["cost"]
     assert cost["full_ensemble_macs"] == cost["trunk_macs"] + sum(cost["expert_macs"]) + sum(cost["router_macs"])
     v2 = client.get(f"/v2/models/{name}").json()
     assert v2["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert v2["parameters"] == {"precision": "float32"}
     assert client.get("/docs").status_code == 200
 
 
@@ -325,12 +327,13 @@ def test_a_folder_other_than_the_pinned_one_refuses_to_start(model_dir: Path, tm
 
 
 def test_full_queue_then_sigterm_answers_every_request_in_flight(model_dir: Path, tmp_path: Path, test_images) -> None:
-    # Batches wait 3 s for company, so requests are still in flight when the signal arrives.
+    # Batches wait 3 s for company, lone requests too, so requests are still in flight when the signal arrives.
     in_flight = 16
     server = start_server(
         model_dir,
         tmp_path / "server.log",
         RIDE_MAX_WAIT_MS="3000",
+        RIDE_WAIT_WHEN_IDLE="true",
         RIDE_MAX_QUEUE_WAIT_MS="10000",
         RIDE_MAX_BATCH_SIZE="64",
         RIDE_MAX_QUEUE_SIZE=str(in_flight),

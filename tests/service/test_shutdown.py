@@ -82,6 +82,7 @@ def test_requests_cut_by_the_shutdown_timeout_get_json_503_and_exit_3(
         model_dir,
         tmp_path / "server.log",
         RIDE_MAX_WAIT_MS="3000",
+        RIDE_WAIT_WHEN_IDLE="true",
         RIDE_MAX_QUEUE_WAIT_MS="10000",
         RIDE_MAX_BATCH_SIZE="64",
         RIDE_SHUTDOWN_TIMEOUT_S="0.5",
