@@ -7,13 +7,14 @@ MODEL_DIR ?= models/cifar10-lt-ride4
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help dev serve-env serve test lint format train-demo bench clean
+.PHONY: help dev serve-env serve test lint format train-demo bench bench-serve wrk clean
 
 help:
 	@echo "make serve       install the service (onnxruntime, no torch) and serve $(MODEL_DIR) on $(HOST):$(PORT)"
 	@echo "make test        install everything (torch CPU, onnxruntime, service, dev tools) and run lint + tests"
 	@echo "make train-demo  train a small RIDE model on CIFAR-10-LT for 2 epochs (runs/demo)"
-	@echo "make bench       run the benchmarks in bench/ (they print; they are not tests)"
+	@echo "make bench       run the benchmarks in bench/ (they print; they are not tests); installs wrk if missing"
+	@echo "make bench-serve only the serving benchmark (raw cascade and server, float32 and int8)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +49,19 @@ test: lint
 train-demo: $(VENV)/.installed
 	$(VENV)/bin/python -m training.run train --config configs/cifar10_lt_ride3.toml --set schedule.epochs=2 --out runs/demo
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed wrk
 	$(VENV)/bin/python bench/train_throughput.py
+	$(VENV)/bin/python bench/serve_load.py
+
+bench-serve: $(VENV)/.installed wrk
+	$(VENV)/bin/python bench/serve_load.py
+
+# The serving benchmark's load generator (Debian/Ubuntu package `wrk`): apt-get as root, else through sudo.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends wrk; }; }
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache
