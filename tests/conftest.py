@@ -62,8 +62,16 @@ def tiny_config_dict(data_dir: Path, cache_dir: Path) -> dict:
         "model": {"arch": "ride_resnet32", "num_experts": 3},
         "optim": {"batch_size": 32},
         "schedule": {"epochs": 1},
-        # fp32 NCHW on every machine, so the tiny model is the same whether or not the CPU has native bf16.
-        "runtime": {"seed": 0, "device": "cpu", "checkpoint_every": 100, "precision": "fp32", "channels_last": False},
+        # fp32 NCHW on every machine, so the tiny model is the same whether or not the CPU has native bf16. One
+        # thread (see `one_torch_thread`): training sets its own thread count, all physical cores by default.
+        "runtime": {
+            "seed": 0,
+            "device": "cpu",
+            "checkpoint_every": 100,
+            "precision": "fp32",
+            "channels_last": False,
+            "num_threads": 1,
+        },
         "router": {"epochs": 1, "batch_size": 64},
     }
 
@@ -75,6 +83,9 @@ def one_torch_thread() -> Iterator[None]:
     On a small box whose cores other jobs keep busy, two OpenMP threads waiting on each other made these
     small-batch workloads about ten times slower than one thread (measured: 190 s against 18 s for the route and
     distill tests on 2 shared cores); on an idle box one thread costs about a third more.
+
+    Training sets its own count (``runtime.num_threads``, all physical cores by default), so the tests' training
+    configs say ``num_threads = 1`` as well: with two, an epoch of the tiny run took five times the CPU seconds.
     """
     import torch
 

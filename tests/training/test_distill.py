@@ -108,6 +108,7 @@ def test_distill_cli_writes_a_student_that_records_its_teacher(
         "model.num_experts=2",
         "schedule.epochs=1",
         "optim.batch_size=64",
+        "runtime.num_threads=1",
     ]
     args = ["distill", "--teacher", str(tiny_checkpoint), "--config", str(REPO / "configs" / "cifar10_lt_ride3.toml")]
     sets = [item for value in overrides for item in ("--set", value)]

@@ -62,7 +62,7 @@ def test_recipe_cli_names_what_differs_from_the_run_in_the_folder(
     tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data = [f'data.root="{tiny_data_dir}"', f'data.cache_dir="{tmp_path / "cache"}"', "data.imbalance_factor=10"]
-    small = ["schedule.epochs=1", "optim.batch_size=64"]
+    small = ["schedule.epochs=1", "optim.batch_size=64", "runtime.num_threads=1"]
     base = ["recipe", "--config", str(REPO / "configs" / "cifar10_lt_ce.toml"), "--out", str(tmp_path / "ce")]
     sets = [arg for item in (*data, *small) for arg in ("--set", item)]
     assert main([*base, *sets]) == 0
@@ -70,6 +70,6 @@ def test_recipe_cli_names_what_differs_from_the_run_in_the_folder(
     assert main([*base, *sets, "--status"]) == 0
     assert "complete (1 epochs)" in capsys.readouterr().out
 
-    assert main([*base, *sets, "--set", "optim.lr=0.3", "--set", "runtime.num_threads=1"]) == 2
+    assert main([*base, *sets, "--set", "optim.lr=0.3", "--set", "runtime.num_threads=2"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "optim.lr: " in error and "-> 0.3" in error and "num_threads" not in error

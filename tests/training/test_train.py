@@ -51,6 +51,7 @@ def _overrides(folder: Path, tmp_path: Path, *extra: str) -> list[str]:
         "data.imbalance_profile=none",
         "optim.batch_size=50",
         "runtime.device=cpu",
+        "runtime.num_threads=1",  # training sets its own thread count (all physical cores by default)
         *extra,
     ]
 
