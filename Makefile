@@ -7,11 +7,12 @@ MODEL_DIR ?= models/cifar10-lt-ride4
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help dev serve-env serve test lint format train-demo bench bench-serve wrk clean
+.PHONY: help dev serve-env serve test test-containers lint format train-demo bench bench-serve wrk clean
 
 help:
 	@echo "make serve       install the service (onnxruntime, no torch) and serve $(MODEL_DIR) on $(HOST):$(PORT)"
 	@echo "make test        install everything (torch CPU, onnxruntime, service, dev tools) and run lint + tests"
+	@echo "make test-containers  the container tests: images built, compose stack up (minutes; CI runs them too)"
 	@echo "make train-demo  train a small RIDE model on CIFAR-10-LT for 2 epochs (runs/demo)"
 	@echo "make bench       run the benchmarks in bench/ (they print; they are not tests); installs wrk if missing"
 	@echo "make bench-serve only the serving benchmark (raw cascade and server, float32 and int8)"
@@ -43,8 +44,12 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Every test but the container tests, which take minutes on their own: `make test-containers` (CI runs both).
 test: lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not containers"
+
+test-containers: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m containers
 
 train-demo: $(VENV)/.installed
 	$(VENV)/bin/python -m training.run train --config configs/cifar10_lt_ride3.toml --set schedule.epochs=2 --out runs/demo

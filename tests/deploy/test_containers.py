@@ -36,7 +36,7 @@ from . import REPO_ROOT, recording_rules, unhealthy_rules
 from .engine import BASE_IMAGE, Engine, EngineUnavailableError, docker_engine
 from .test_live_prometheus import Traffic, has_data, query
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.containers]
 
 COMPOSE_FILES = (
     REPO_ROOT / "docker-compose.yml",
