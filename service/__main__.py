@@ -20,6 +20,7 @@ from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
 from service.errors import ModelLoadError
 from service.model import CUDA, cuda_build_version, requested_providers
+from service.request_context import RequestContextFilter
 from service.server import EXIT_CUT, build_server
 from service.settings import Settings
 
@@ -34,8 +35,15 @@ def _settings_error(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s trace_id=%(trace_id)s: %(message)s"
+
+
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """One handler for every logger, uvicorn's included (`service.server` gives uvicorn no configuration of its
+    own): each line names the request it was written for (`service.request_context`), ``-`` outside one."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestContextFilter())
 
 
 def _keep_exit_status_zero(signum: int, frame: object) -> None:

@@ -16,14 +16,18 @@ from fastapi_offline import FastAPIOffline
 from starlette.routing import Mount, Route
 
 from export.providers import CUDA, CudaOptions
+from service.access import add_cors
 from service.drain import DrainMiddleware
 from service.errors import ClientClosedError
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import OnnxModel, load_model, requested_providers
+from service.request_context import RequestContextMiddleware
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
 from service.settings import Settings
 from service.state import ServiceState
+from service.v1_protocol import PREDICT_ERRORS, PREDICT_ROUTE, add_v1_routes
+from service.v2_protocol import INFER_ERRORS, INFER_PATHS, add_v2_routes
 
 
 def cuda_options(settings: Settings) -> CudaOptions:
@@ -72,14 +76,23 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     )
     app.state.service = state
     add_routes(app)
+    add_v1_routes(app)
+    add_v2_routes(app)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
     routes = [route.path for route in app.routes if isinstance(route, Route)]  # APIRoute is a Route
     mounts = tuple(route.path for route in app.routes if isinstance(route, Mount))
     # 499 (the client left first) is counted, never sent: it is not in the OpenAPI document.
-    classify_statuses = statuses(*CLASSIFY_ERRORS, ClientClosedError)
-    state.metrics.preinitialise_routes([*routes, *mounts], error_statuses={CLASSIFY_ROUTE: classify_statuses})
+    error_statuses = {
+        CLASSIFY_ROUTE: statuses(*CLASSIFY_ERRORS, ClientClosedError),
+        PREDICT_ROUTE: statuses(*PREDICT_ERRORS, ClientClosedError),
+        **{path: statuses(*INFER_ERRORS, ClientClosedError) for path in INFER_PATHS},
+    }
+    state.metrics.preinitialise_routes([*routes, *mounts], error_statuses=error_statuses)
+    add_cors(app, settings.cors_origin_list)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware, drain=state.drain, retry_after_s=settings.retry_after_s)
+    # Outside the drain and the body limit: their answers carry the request id too.
+    app.add_middleware(RequestContextMiddleware)
     # Outermost: it sees the 413s and the drain's 503s.
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=frozenset(routes), mounts=mounts)
     return app

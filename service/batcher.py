@@ -165,6 +165,22 @@ class Batcher:
         self._queue.put_nowait(item)
         return future
 
+    def enqueue_rows(
+        self, images: Sequence[np.ndarray], *, threshold: float, max_experts: int
+    ) -> list[asyncio.Future[RowResult]]:
+        """Queue the rows of one request together: all of them, or none when they do not all fit in the queue.
+
+        Raises:
+            OverloadedError: the rows do not all fit below ``max_queue_size``.
+            NotReadyError: as `enqueue`.
+        """
+        if self._queue is not None and not self._closing and self._pending + len(images) > self._max_queue_size:
+            raise OverloadedError(
+                f"{len(images)} rows do not fit in the queue: {self._pending} of {self._max_queue_size} places are "
+                "taken; retry later"
+            )
+        return [self.enqueue(image, threshold=threshold, max_experts=max_experts) for image in images]
+
     def _uncount(self, item: _Pending) -> None:
         if item.counted:
             item.counted = False

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import NotReadyError
 from service.http_errors import error_response
+from service.request_context import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class DrainMiddleware:
                 request.task.uncancel()
             message = "the server shut down before this request was answered; retry"
             headers = {"Retry-After": str(self.retry_after_s), "Connection": "close"}
-            await error_response(503, NotReadyError.code, message, headers)(scope, receive, send)
+            reply = error_response(
+                503, NotReadyError.code, message, headers, path=scope["path"], request_id=request_id_of(scope)
+            )
+            await reply(scope, receive, send)
         finally:
             self.drain.untrack(request)

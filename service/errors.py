@@ -34,6 +34,26 @@ class UnsupportedMediaTypeError(ServiceError):
     code = "unsupported_media_type"
 
 
+class InvalidInputError(ServiceError):
+    """An inference request body that does not follow its protocol (KServe v1, Open Inference Protocol v2): a
+    missing or unknown tensor, a wrong datatype or shape, data that does not decode. The message names the row
+    when one row is at fault."""
+
+    code = "invalid_input"
+
+
+class TooManyRowsError(ServiceError):
+    """A request with more rows (images) than one request may carry."""
+
+    code = "too_many_rows"
+
+
+class UnauthorizedError(ServiceError):
+    """An inference route called without the bearer token the server was started with."""
+
+    code = "unauthorized"
+
+
 class InvalidParameterError(ServiceError):
     """A query parameter or form field is missing or out of range."""
 

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 # Sub-millisecond resolution where this model lives (a batch takes ~0.3-5 ms on CPU), up to 10 s for stragglers.
 LATENCY_BUCKETS = (
@@ -62,6 +72,11 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # The process's CPU, memory and descriptors (process_*, Linux only), Python's garbage collector (python_gc_*)
+        # and version (python_info): what the default registry would have, in this app's own.
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
+        PlatformCollector(registry=registry)
         self.requests_total = Counter(
             "ride_requests_total",
             "HTTP requests answered, by route template and status code.",

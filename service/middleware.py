@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import PayloadTooLargeError
 from service.http_errors import error_response
 from service.metrics import UNMATCHED_ROUTE, Metrics
+from service.request_context import request_id_of
 
 # A refused body is read and discarded up to this multiple of the limit, as nginx's lingering close does: a client
 # that sends its whole body before reading (httpx, urllib) then reads the 413 instead of a connection reset.
@@ -81,7 +82,14 @@ class BodyLimitMiddleware:
 
     async def _refuse_declared(self, scope: Scope, receive: Receive, send: Send, declared: int) -> None:
         message = f"request body of {declared} bytes is above the limit of {self.max_body_bytes} bytes"
-        response = error_response(413, PayloadTooLargeError.code, message, {"Connection": "close"})
+        response = error_response(
+            413,
+            PayloadTooLargeError.code,
+            message,
+            {"Connection": "close"},
+            path=scope["path"],
+            request_id=request_id_of(scope),
+        )
         expects_continue = (_header(scope, b"expect") or b"").lower() == b"100-continue"
         if expects_continue or declared > self.discard_bound:
             await response(scope, receive, send)

@@ -14,8 +14,6 @@ from service.schemas import (
     ModelRef,
     ModelSummary,
     TimingMs,
-    V2ModelMetadata,
-    V2Tensor,
 )
 from service.state import ServiceState
 
@@ -62,21 +60,6 @@ def model_summary(state: ServiceState) -> ModelSummary:
         ),
         evaluation=manifest.metrics.model_dump(),
         quantization=manifest.quantization.model_dump() if manifest.quantization is not None else None,
-    )
-
-
-def v2_metadata(state: ServiceState) -> V2ModelMetadata:
-    """KServe v2 model metadata: one image tensor in, class probabilities out."""
-    manifest = state.model.manifest
-    spec = manifest.input
-    datatype = "FP16" if manifest.precision == "float16" else "FP32"
-    return V2ModelMetadata(
-        name=manifest.model.name,
-        versions=[manifest.model.version],
-        platform="onnxruntime_onnx",
-        inputs=[V2Tensor(name="image", datatype=datatype, shape=[-1, spec.channels, spec.height, spec.width])],
-        outputs=[V2Tensor(name="probabilities", datatype="FP32", shape=[-1, len(manifest.classes)])],
-        parameters=v2_parameters(manifest),
     )
 
 

@@ -6,30 +6,34 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 
 from service import errors
-from service.disconnect import unless_client_leaves
+from service.access import require_token
 from service.http_errors import error_responses
 from service.metrics import EXPOSITION_CONTENT_TYPE
-from service.responses import classify_response, model_summary, v2_metadata
+from service.responses import classify_response, model_summary
+from service.rows import check_row_count, decode_rows, observe_rows, queue_rows
 from service.schemas import (
+    CLASSIFY_BATCH_EXAMPLE,
+    CLASSIFY_EXAMPLE,
+    ClassifyBatchResponse,
     ClassifyParams,
     ClassifyResponse,
     ModelsResponse,
     StatusResponse,
-    V2Live,
-    V2ModelMetadata,
-    V2Ready,
 )
-from service.state import ServiceState, StateDep
-from service.upload import IMAGE_REQUEST_BODY, decode_upload
+from service.state import StateDep
+from service.upload import IMAGE_REQUEST_BODY, read_images
 
 CLASSIFY_ROUTE = "/classify"
+MODELS_ROUTE = "/models"  # the served model's description (it was /v1/models, which KServe v1 uses)
 # What /classify can answer besides 200 (the batcher's queue and readiness included).
 CLASSIFY_ERRORS = (
     errors.InvalidImageError,
+    errors.UnauthorizedError,
     errors.PayloadTooLargeError,
+    errors.TooManyRowsError,
     errors.ImageTooLargeError,
     errors.UnsupportedMediaTypeError,
     errors.InvalidParameterError,
@@ -52,20 +56,26 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     state.require_warm()
     threshold, max_experts = state.cascade_settings(params)
     with state.admission.admit():  # before the body is read: refusing late spends the work it should save
-        pixels = await decode_upload(request, state.decoder, state.decode_pool, state.settings.max_body_bytes)
-        queued = state.batcher.enqueue(pixels, threshold=threshold, max_experts=max_experts)
-    row = await unless_client_leaves(request.receive, queued)
-    body = classify_response(state, row, params.top_k, time.perf_counter() - started)
-    state.metrics.observe_classification(
-        queue_seconds=row.queue_seconds, experts_used=row.experts_used, relative_compute=row.relative_compute
-    )
-    timing = body.timing_ms
-    headers = {
-        "X-Experts-Used": str(row.experts_used),
-        "Server-Timing": (
-            f"queue;dur={timing.queue:.3f}, inference;dur={timing.inference:.3f}, total;dur={timing.total:.3f}"
-        ),
-    }
+        uploads = await read_images(request, state.settings.max_body_bytes, state.max_request_rows)
+        check_row_count(len(uploads), state.max_request_rows)
+        images = await decode_rows(uploads, state.decoder, state.decode_pool)
+        queued = queue_rows(state, images, threshold=threshold, max_experts=max_experts)
+    rows = await queued.results(request.receive)
+    observe_rows(state, rows)
+    total_s = time.perf_counter() - started
+    results = [classify_response(state, row, params.top_k, total_s) for row in rows]
+    if len(results) == 1:
+        body: ClassifyResponse | ClassifyBatchResponse = results[0]
+        timing = results[0].timing_ms
+        headers = {
+            "X-Experts-Used": str(rows[0].experts_used),
+            "Server-Timing": (
+                f"queue;dur={timing.queue:.3f}, inference;dur={timing.inference:.3f}, total;dur={timing.total:.3f}"
+            ),
+        }
+    else:
+        body = ClassifyBatchResponse(results=results)
+        headers = {"Server-Timing": f"total;dur={total_s * 1e3:.3f}"}
     # Serialised here: FastAPI would validate the model a second time on the way out.
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -89,42 +99,31 @@ async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.exposition(), media_type=EXPOSITION_CONTENT_TYPE)
 
 
-async def v2_live() -> Any:
-    return V2Live(live=True)
-
-
-async def v2_ready(state: StateDep) -> Any:
-    state.require_ready()
-    return V2Ready(ready=True)
-
-
-def _require_model(state: ServiceState, name: str) -> None:
-    served = state.model.manifest.model.name
-    if name != served:
-        raise errors.ModelNotFoundError(f"unknown model {name!r}: this server serves {served!r}")
-
-
-async def v2_model(name: str, state: StateDep) -> Any:
-    _require_model(state, name)
-    return v2_metadata(state)
-
-
-async def v2_model_ready(name: str, state: StateDep) -> Any:
-    _require_model(state, name)
-    state.require_ready()
-    return V2Ready(ready=True)
-
-
 def add_routes(app: FastAPI) -> None:
-    """Every route of the service, with its response model and the errors it documents."""
+    """The service's own routes, with their response models and the errors they document (the protocols' routes
+    are in `service.v1_protocol` and `service.v2_protocol`)."""
     app.add_api_route(
         CLASSIFY_ROUTE,
         classify,
         methods=["POST"],
-        response_model=ClassifyResponse,
-        responses=error_responses(*CLASSIFY_ERRORS),
+        response_model=ClassifyResponse | ClassifyBatchResponse,
+        responses={
+            **error_responses(*CLASSIFY_ERRORS),
+            200: {
+                "description": "One image: its answer. Several files: `results`, one answer per file, in order.",
+                "content": {
+                    "application/json": {
+                        "examples": {
+                            "one image": {"value": CLASSIFY_EXAMPLE},
+                            "several files": {"value": CLASSIFY_BATCH_EXAMPLE},
+                        }
+                    }
+                },
+            },
+        },
         openapi_extra=IMAGE_REQUEST_BODY,
-        summary="Classify one image (multipart field 'file', or the raw body with an image/* content type).",
+        dependencies=[Depends(require_token)],
+        summary="Classify one image (multipart field 'file', or the raw body) or several (repeated 'file' fields).",
     )
     app.add_api_route(
         "/healthz",
@@ -138,24 +137,17 @@ def add_routes(app: FastAPI) -> None:
         "/readyz", readyz, response_model=StatusResponse, responses=ready, summary="Readiness: loaded and warm."
     )
     app.add_api_route(
-        "/v1/models", list_models, response_model=ModelsResponse, summary="The model served and the provider in use."
-    )
-    app.add_api_route("/metrics", metrics, summary="Prometheus metrics (text exposition format).")
-    app.add_api_route("/v2/health/live", v2_live, response_model=V2Live, summary="KServe v2 liveness.")
-    app.add_api_route(
-        "/v2/health/ready", v2_ready, response_model=V2Ready, responses=ready, summary="KServe v2 readiness."
+        MODELS_ROUTE, list_models, response_model=ModelsResponse, summary="The model served and the provider in use."
     )
     app.add_api_route(
-        "/v2/models/{name}",
-        v2_model,
-        response_model=V2ModelMetadata,
-        responses=error_responses(errors.ModelNotFoundError),
-        summary="KServe v2 metadata.",
-    )
-    app.add_api_route(
-        "/v2/models/{name}/ready",
-        v2_model_ready,
-        response_model=V2Ready,
-        responses=error_responses(errors.ModelNotFoundError, errors.NotReadyError),
-        summary="KServe v2 model ready.",
+        "/metrics",
+        metrics,
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {EXPOSITION_CONTENT_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
+        summary="Prometheus metrics (text exposition format).",
     )

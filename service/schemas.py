@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from cascade import Threshold
@@ -10,10 +12,11 @@ from cascade import Threshold
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error name, e.g. invalid_image.")
     message: str = Field(description="What went wrong, for a person.")
+    request_id: str | None = Field(None, description="The request's X-Request-ID (the caller's, or generated).")
 
 
 class ErrorBody(BaseModel):
-    """The body of every non-2xx reply."""
+    """The body of every non-2xx reply, except on /v2 routes (`V2ErrorBody`)."""
 
     error: ErrorDetail
 
@@ -29,6 +32,22 @@ class ClassifyParams(BaseModel):
     )
     # E depends on the model served: the range is checked against it when the request runs (ServiceState).
     max_experts: int | None = Field(None, description="Run at most this many experts (1..E).")
+
+
+CLASSIFY_EXAMPLE = {
+    "model": {"name": "cifar10-lt-ride4", "version": "1"},
+    "label": "ship",
+    "class_id": 8,
+    "probability": 0.93,
+    "top_k": [
+        {"label": "ship", "class_id": 8, "probability": 0.93},
+        {"label": "airplane", "class_id": 0, "probability": 0.04},
+    ],
+    "experts_used": 1,
+    "num_experts": 4,
+    "relative_compute": 0.397,
+    "timing_ms": {"queue": 0.4, "inference": 1.1, "total": 2.3},
+}
 
 
 class ModelRef(BaseModel):
@@ -49,6 +68,8 @@ class TimingMs(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": CLASSIFY_EXAMPLE})
+
     model: ModelRef
     label: str
     class_id: int
@@ -58,6 +79,15 @@ class ClassifyResponse(BaseModel):
     num_experts: int
     relative_compute: float = Field(description="MACs spent on this image / MACs of running every expert and router.")
     timing_ms: TimingMs
+
+
+class ClassifyBatchResponse(BaseModel):
+    """POST /classify with several files: one answer per file, in the order they were sent."""
+
+    results: list[ClassifyResponse]
+
+
+CLASSIFY_BATCH_EXAMPLE = {"results": [CLASSIFY_EXAMPLE, {**CLASSIFY_EXAMPLE, "label": "horse", "class_id": 7}]}
 
 
 class StatusResponse(BaseModel):
@@ -125,3 +155,20 @@ class V2ModelMetadata(BaseModel):
     parameters: dict[str, object] = Field(
         description="precision (float32, float16, int8); for int8 also calibration and parity_gate."
     )
+
+
+def _inline_refs(schema: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline_refs(definitions[schema["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {key: _inline_refs(value, definitions) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(item, definitions) for item in schema]
+    return schema
+
+
+def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with every referenced schema in place: a request body that an endpoint reads itself
+    is given to OpenAPI by hand (``openapi_extra``), where pydantic's ``$defs`` would not resolve."""
+    schema = model.model_json_schema()
+    return _inline_refs(schema, schema.get("$defs", {}))

@@ -124,6 +124,7 @@ def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
         http=functools.partial(GuardedHttpToolsProtocol, guard=guard),  # type: ignore[arg-type]
         log_level=settings.log_level,
         access_log=settings.access_log,
+        log_config=None,  # uvicorn's lines go through the root handler (`service.__main__`), with the request id
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works: call_later
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s + DRAIN_IDLE_GRACE_S + UVICORN_BACKSTOP_S),
         lifespan="on",

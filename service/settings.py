@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cascade import Threshold
@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with 503 replies.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
+    max_request_rows: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description=(
+            "Most images (rows) one request may carry: files of /classify, instances of KServe v1, rows of a v2 "
+            "input (413 above; the queue size bounds it too)."
+        ),
+    )
     max_pixels: int | None = Field(
         None,
         ge=1,
@@ -157,6 +166,20 @@ class Settings(BaseSettings):
             "The model folder's digest (`python -m export verify` prints it): the server refuses any other folder."
         ),
     )
+    cors_origins: str = Field(
+        "",
+        description=(
+            "Origins allowed to call the API from a browser (CORS), comma-separated, or * for any; empty: no CORS "
+            "headers (browsers allow only the server's own pages)."
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer token the inference routes require (Authorization: Bearer <token>); unset: no token needed. "
+            "Probes, metadata, /metrics and the docs stay open."
+        ),
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
@@ -164,6 +187,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_user(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """`cors_origins` as a list."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def threads_for(self, cuda: bool) -> int:
         """The intra-op threads to use: the setting when one was given; 1 when CUDA runs the graphs (the CPU only

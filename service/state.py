@@ -63,6 +63,8 @@ class ServiceState:
         self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
         self.drain = Drain()
         self.metrics.track_readiness(lambda: self.is_ready)
+        # A request's rows are queued together: more than the queue holds could never run.
+        self.max_request_rows = min(settings.max_request_rows, settings.max_queue_size)
         self.ready = False  # loaded and warm
         self.failure: str | None = None
 
