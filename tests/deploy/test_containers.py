@@ -233,7 +233,7 @@ def test_classifies_the_bundled_samples_through_the_published_port(stack: Stack)
         )
     labels = {name: response.json().get("label") for name, response in responses.items()}
     assert labels == expected, {name: r.text[:300] for name, r in responses.items()}
-    models = httpx.get(f"{stack.serve_url}/v1/models", timeout=10.0).json()
+    models = httpx.get(f"{stack.serve_url}/models", timeout=10.0).json()
     assert "CPUExecutionProvider" in json.dumps(models)
 
 

@@ -249,7 +249,7 @@ def test_entrypoint_configured_by_environment_passes_the_healthcheck(model_dir: 
             assert process.poll() is None, f"server exited with {process.returncode}:\n{server.log()}"
             assert time.monotonic() < deadline, f"never healthy:\n{server.log()}"
             time.sleep(0.5)
-        info = httpx.get(f"{server.url}/v1/models", timeout=5.0)
+        info = httpx.get(f"{server.url}/models", timeout=5.0)
         assert info.status_code == 200 and load_manifest(model_dir).model.name in info.text
     finally:
         status = server.stop()

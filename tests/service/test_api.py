@@ -33,7 +33,10 @@ def test_not_ready_until_warm(loaded_model, model_dir: Path) -> None:
     for response in (ready, classify, v2_ready):
         assert response.status_code == 503
         assert response.headers["retry-after"] == "7"
-        assert response.json() == {"error": {"code": "not_ready", "message": "the model is still warming up"}}
+    request_id = classify.headers["x-request-id"]
+    message = "the model is still warming up"
+    assert classify.json() == {"error": {"code": "not_ready", "message": message, "request_id": request_id}}
+    assert v2_ready.json() == {"error": message}  # the Open Inference Protocol's error body
 
 
 def test_each_app_has_its_own_registry(loaded_model, model_dir: Path) -> None:
@@ -52,7 +55,7 @@ def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> N
     app = create_app(Settings(model_dir=model_dir), model=loaded_model)
     (response,) = request_all(app, [("GET", "/openapi.json")])
     classify = response.json()["paths"]["/classify"]["post"]
-    assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
     assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "max_experts"}
 

@@ -24,7 +24,7 @@ def test_int8_model_is_served_and_described(
     server = start_server(early_exit_int8_model_dir, tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.url, timeout=30.0) as client:
-            (summary,) = client.get("/v1/models").json()["models"]
+            (summary,) = client.get("/models").json()["models"]
             v2 = client.get(f"/v2/models/{manifest.model.name}").json()
             answers = [
                 client.post("/classify", content=body, headers={"content-type": "image/jpeg"}).json() for body in bodies

@@ -218,7 +218,7 @@ def test_other_routes_errors_have_the_same_shape(client: httpx.Client) -> None:
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     wrong_method = client.get("/classify")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
-    unknown_model = client.get("/v2/models/resnet50")
+    unknown_model = client.get("/v1/models/resnet50")
     assert unknown_model.status_code == 404 and unknown_model.json()["error"]["code"] == "model_not_found"
 
 
@@ -247,14 +247,17 @@ def test_health_and_model_metadata(client: httpx.Client, model_dir: Path) -> Non
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     assert client.get(f"/v2/models/{name}/ready").json() == {"ready": True}
-    (summary,) = client.get("/v1/models").json()["models"]
+    (summary,) = client.get("/models").json()["models"]
     assert summary["provider"] == "CPUExecutionProvider"
     assert (summary["precision"], summary["quantization"]) == ("float32", None)
     assert (summary["num_experts"], summary["has_routers"], summary["default_threshold"]) == (NUM_EXPERTS, True, 0.5)
     cost = summary["cost"]
     assert cost["full_ensemble_macs"] == cost["trunk_macs"] + sum(cost["expert_macs"]) + sum(cost["router_macs"])
     v2 = client.get(f"/v2/models/{name}").json()
-    assert v2["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert v2["inputs"] == [
+        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+    ]
     assert v2["parameters"] == {"precision": "float32"}
     assert client.get("/docs").status_code == 200
 
