@@ -18,6 +18,20 @@ class ErrorDetail(BaseModel):
 class ErrorBody(BaseModel):
     """The body of every non-2xx reply, except on /v2 routes (`V2ErrorBody`)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "invalid_image",
+                        "message": "row 1: not an image: no decoder recognises these bytes",
+                        "request_id": "9f1c2b7e4d6a4f0e8b3a1c5d7e9f0a2b",
+                    }
+                }
+            ]
+        }
+    )
+
     error: ErrorDetail
 
 
@@ -91,6 +105,8 @@ CLASSIFY_BATCH_EXAMPLE = {"results": [CLASSIFY_EXAMPLE, {**CLASSIFY_EXAMPLE, "la
 
 
 class StatusResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
+
     status: str
 
 
@@ -131,10 +147,14 @@ class ModelsResponse(BaseModel):
 
 
 class V2Live(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"live": True}]})
+
     live: bool
 
 
 class V2Ready(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+
     ready: bool
 
 

@@ -42,10 +42,14 @@ PREDICT_ERRORS = (
 
 
 class V1Models(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": ["cifar10-lt-ride4"]}]})
+
     models: list[str]
 
 
 class V1ModelStatus(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "cifar10-lt-ride4", "ready": True}]})
+
     name: str
     ready: bool
 

@@ -74,10 +74,18 @@ MAX_PROBLEMS_LISTED = 3
 class V2ErrorBody(BaseModel):
     """The body of every non-2xx reply on a /v2 route."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"error": "input 'image' has datatype FP32, expected BYTES"}]}
+    )
+
     error: str
 
 
 class V2ServerMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"name": "ride-serve", "version": "0.1.0", "extensions": list(EXTENSIONS)}]}
+    )
+
     name: str
     version: str
     extensions: list[str]
@@ -91,6 +99,24 @@ class V2Tensor(BaseModel):
 
 class V2ModelMetadata(BaseModel):
     """Model metadata, with the protocol's optional ``parameters`` object."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "cifar10-lt-ride4",
+                    "versions": ["1"],
+                    "platform": "onnxruntime_onnx",
+                    "inputs": [
+                        {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]},
+                    ],
+                    "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+                    "parameters": {"precision": "float32"},
+                }
+            ]
+        }
+    )
 
     name: str
     versions: list[str]
@@ -131,6 +157,27 @@ class V2ResponseOutput(BaseModel):
 
 
 class V2InferenceResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "cifar10-lt-ride4",
+                    "model_version": "1",
+                    "id": "42",
+                    "outputs": [
+                        {
+                            "name": "probabilities",
+                            "shape": [1, 2],
+                            "datatype": "BYTES",
+                            "data": ["0.93:8:ship", "0.04:0:airplane"],
+                        },
+                        {"name": "experts_used", "shape": [1], "datatype": "INT32", "data": [1]},
+                    ],
+                }
+            ]
+        }
+    )
+
     model_name: str
     model_version: str
     id: str | None = None
