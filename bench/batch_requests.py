@@ -1,0 +1,167 @@
+"""Batch requests against single ones, one run: 32 images as one request against the same 32 as 32 requests.
+
+`python -m service` runs pinned to the server CPUs; the client (httpx, pinned to the client CPUs) sends, round
+after round, the same ``--rows`` CIFAR-10 test images (JPEG) in each of these forms:
+
+- ``classify batch``: one POST /classify with ``--rows`` multipart ``file`` fields;
+- ``v2 batch``: one Open Inference Protocol request, a BYTES input of ``--rows`` images, binary tensor data
+  both ways (what tritonclient sends by default);
+- ``singles, sequential``: ``--rows`` POST /classify one after another (one connection, kept alive);
+- ``singles, concurrent``: ``--rows`` POST /classify at once (``--rows`` connections), which the server's dynamic
+  batcher can gather into batches.
+
+The forms take turns within each round (a slow moment of a shared machine hits them all), and each form's
+images/s is its rows over the median time of a round. The ratios against the sequential singles are what to
+read: on a shared machine only ratios measured in one run mean anything. The load average before and after is
+printed.
+
+    python bench/batch_requests.py [--model-dir models/cifar10-lt-ride4] [--rows 32] [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+sys.path.insert(0, str(REPO / "bench"))
+
+from serve_load import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    cpu_description,
+    load_average,
+    pick_test_images,
+    start_server,
+)
+
+from export.manifest import load_manifest  # noqa: E402
+from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
+
+Form = Callable[[httpx.AsyncClient, list[bytes]], Awaitable[None]]
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise SystemExit(
+            f"{response.request.method} {response.request.url.path}: {response.status_code} {response.text}"
+        )
+
+
+async def classify_batch(client: httpx.AsyncClient, images: list[bytes]) -> None:
+    files = [("file", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    _check(await client.post("/classify", files=files))
+
+
+def v2_body(images: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """A binary v2 request as tritonclient builds one: the JSON header, then the BYTES elements."""
+    data = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [len(images)],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def v2_batch(model: str) -> Form:
+    async def send(client: httpx.AsyncClient, images: list[bytes]) -> None:
+        body, headers = v2_body(images)
+        _check(await client.post(f"/v2/models/{model}/infer", content=body, headers=headers))
+
+    return send
+
+
+async def singles_sequential(client: httpx.AsyncClient, images: list[bytes]) -> None:
+    for data in images:
+        _check(await client.post("/classify", content=data, headers={"content-type": "image/jpeg"}))
+
+
+async def singles_concurrent(client: httpx.AsyncClient, images: list[bytes]) -> None:
+    headers = {"content-type": "image/jpeg"}
+    for response in await asyncio.gather(*(client.post("/classify", content=d, headers=headers) for d in images)):
+        _check(response)
+
+
+async def measure(url: str, forms: dict[str, Form], images: list[bytes], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of each form; one warm-up round of each first."""
+    seconds: dict[str, list[float]] = {name: [] for name in forms}
+    limits = httpx.Limits(max_connections=len(images), max_keepalive_connections=len(images))
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+        for form in forms.values():
+            await form(client, images)
+        for _ in range(rounds):
+            for name, form in forms.items():
+                started = time.perf_counter()
+                await form(client, images)
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="model (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="CIFAR-10 folder with test/")
+    parser.add_argument("--rows", type=int, default=32, help="images per batch request, and single requests per round")
+    parser.add_argument("--rounds", type=int, default=30, help="measured rounds of every form")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the server's batch size")
+    parser.add_argument("--client-cpus", type=int, nargs="+", default=cpus[-1:], help="CPUs of the client")
+    parser.add_argument("--server-cpus", type=int, nargs="+", default=cpus[:-1] or cpus, help="CPUs of the server")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    images = [path.read_bytes() for path in pick_test_images(args.data_dir, args.rows)]
+    model = load_manifest(args.model_dir).model.name
+    print(f"CPU: {cpu_description()}")
+    print(
+        f"load average at start {load_average()}; server CPUs {args.server_cpus}, client CPUs {args.client_cpus}; "
+        f"{args.rows} images, {args.rounds} rounds; model {args.model_dir}"
+    )
+    forms = {
+        "classify batch": classify_batch,
+        "v2 batch": v2_batch(model),
+        "singles, sequential": singles_sequential,
+        "singles, concurrent": singles_concurrent,
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        process, url = start_server(args.model_dir, args.server_cpus, args.max_batch_size, Path(workdir) / "server.log")
+        try:
+            if hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, args.client_cpus)
+            seconds = asyncio.run(measure(url, forms, images, args.rounds))
+        finally:
+            process.terminate()
+            process.wait(30)
+    print(f"load average at end {load_average()}")
+    baseline = args.rows / statistics.median(seconds["singles, sequential"])
+    print(f"\n{'form':<22}{'requests':>9}{'images/s':>11}{'ms/round p50':>14}{'vs sequential singles':>23}")
+    for name, rounds in seconds.items():
+        rate = args.rows / statistics.median(rounds)
+        requests = 1 if "batch" in name else args.rows
+        print(f"{name:<22}{requests:>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}{rate / baseline:>22.2f}x")
+
+
+if __name__ == "__main__":
+    main()
