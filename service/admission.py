@@ -84,7 +84,11 @@ def early_refusal(
             admission.check()
         except OverloadedError as error:
             on_refused(503)
-            body = ErrorBody(error=ErrorDetail(code=error.code, message=str(error))).model_dump_json().encode()
+            body = (
+                ErrorBody(error=ErrorDetail(code=error.code, message=str(error)))
+                .model_dump_json(exclude_none=True)
+                .encode()
+            )
             head = (
                 "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                 f"retry-after: {retry_after_s}\r\ncontent-length: {len(body)}\r\n\r\n"

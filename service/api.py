@@ -23,6 +23,7 @@ from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import OnnxModel, load_model, requested_providers
 from service.openapi import truthful_openapi
+from service.page import add_page
 from service.request_context import RequestContextMiddleware
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
 from service.settings import Settings
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     add_routes(app)
     add_v1_routes(app)
     add_v2_routes(app)
+    add_page(app)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
     truthful_openapi(app)
     routes = [route.path for route in app.routes if isinstance(route, Route)]  # APIRoute is a Route

@@ -129,7 +129,7 @@ def stop_handshakes(listener: socket.socket) -> bool:
 
 
 def _error_response(status: int, reason: str, code: str, message: str) -> bytes:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message)).model_dump_json().encode()
+    body = ErrorBody(error=ErrorDetail(code=code, message=message)).model_dump_json(exclude_none=True).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
