@@ -57,6 +57,7 @@ train-demo: $(VENV)/.installed
 bench: $(VENV)/.installed wrk
 	$(VENV)/bin/python bench/train_throughput.py
 	$(VENV)/bin/python bench/serve_load.py
+	$(VENV)/bin/python bench/batch_requests.py
 
 bench-serve: $(VENV)/.installed wrk
 	$(VENV)/bin/python bench/serve_load.py
