@@ -74,13 +74,17 @@ def test_a_browser_classifies_a_bundled_sample(server: ServerProcess) -> None:
         meta = result.find_element(By.CSS_SELECTOR, ".meta").text
         assert f"experts used: {expected[0]['experts_used']} of {expected[0]['num_experts']}" in meta
         assert "compute saved" in meta and "round trip" in meta
-        # Two files at once: one batch request, one result each (the newest on top).
-        driver.find_element(By.ID, "file").send_keys("\n".join(str(path) for path in samples))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "page.png"))
+        # Two files at once: one batch request, one result each (the newest on top). A file input keeps what it
+        # had: clear() empties it first.
+        chooser = driver.find_element(By.ID, "file")
+        chooser.clear()
+        chooser.send_keys("\n".join(str(path) for path in samples))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 3)
         labels = [node.text for node in driver.find_elements(By.CSS_SELECTOR, ".result .label")]
         assert sorted(labels[:2]) == sorted(answer["label"] for answer in expected)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(ARTIFACTS / "page.png"))
+        assert driver.save_screenshot(str(ARTIFACTS / "page-batch.png"))
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == [], errors
     finally:
