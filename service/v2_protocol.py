@@ -445,9 +445,10 @@ def infer_response(state: ServiceState, call: InferCall, rows: Sequence[RowResul
     )
 
 
-async def infer(request: Request, name: str, state: StateDep) -> Response:
+async def run_inference(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
+    """One inference request, from its body to its response."""
     started = time.perf_counter()
-    require_model(state, name, request.path_params.get("version"))
+    require_model(state, name, version)
     state.require_warm()
     with state.admission.admit():  # before the body is read, as /classify
         body = decompress(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
@@ -466,6 +467,14 @@ async def infer(request: Request, name: str, state: StateDep) -> Response:
     return response
 
 
+async def infer(request: Request, name: str, state: StateDep) -> Response:
+    return await run_inference(request, state, name, None)
+
+
+async def infer_version(request: Request, name: str, version: str, state: StateDep) -> Response:
+    return await run_inference(request, state, name, version)
+
+
 async def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
 
@@ -479,13 +488,24 @@ async def ready(state: StateDep) -> V2Ready:
     return V2Ready(ready=True)
 
 
-async def model(request: Request, name: str, state: StateDep) -> V2ModelMetadata:
-    require_model(state, name, request.path_params.get("version"))
+async def model(name: str, state: StateDep) -> V2ModelMetadata:
+    require_model(state, name, None)
     return model_metadata(state)
 
 
-async def model_ready(request: Request, name: str, state: StateDep) -> V2Ready:
-    require_model(state, name, request.path_params.get("version"))
+async def model_version(name: str, version: str, state: StateDep) -> V2ModelMetadata:
+    require_model(state, name, version)
+    return model_metadata(state)
+
+
+async def model_ready(name: str, state: StateDep) -> V2Ready:
+    require_model(state, name, None)
+    state.require_ready()
+    return V2Ready(ready=True)
+
+
+async def model_version_ready(name: str, version: str, state: StateDep) -> V2Ready:
+    require_model(state, name, version)
     state.require_ready()
     return V2Ready(ready=True)
 
@@ -532,19 +552,24 @@ def add_v2_routes(app: FastAPI) -> None:
         responses=v2_error_responses(errors.NotReadyError),
         summary="Server readiness (503 while warming up or shutting down).",
     )
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        app.add_api_route(prefix, model, response_model=V2ModelMetadata, responses=not_found, summary="Model metadata.")
+    handlers = {
+        "/v2/models/{name}": (model, model_ready, infer),
+        "/v2/models/{name}/versions/{version}": (model_version, model_version_ready, infer_version),
+    }
+    for prefix, (metadata_handler, ready_handler, infer_handler) in handlers.items():
+        app.add_api_route(
+            prefix, metadata_handler, response_model=V2ModelMetadata, responses=not_found, summary="Model metadata."
+        )
         app.add_api_route(
             f"{prefix}/ready",
-            model_ready,
+            ready_handler,
             response_model=V2Ready,
             responses=v2_error_responses(errors.ModelNotFoundError, errors.NotReadyError),
             summary="Model readiness.",
         )
-    for path in INFER_PATHS:
         app.add_api_route(
-            path,
-            infer,
+            f"{prefix}/infer",
+            infer_handler,
             methods=["POST"],
             response_model=V2InferenceResponse,
             responses=v2_error_responses(*INFER_ERRORS),

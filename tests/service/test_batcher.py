@@ -193,3 +193,22 @@ def test_padded_batches_reach_the_model_at_bucket_sizes_with_unchanged_answers(
     np.testing.assert_array_equal([r.experts_used for r in results], expected.experts_used)
     np.testing.assert_allclose(np.stack([r.probabilities for r in results]), expected.probabilities, atol=1e-6)
     assert all(r.batch_size == 20 for r in results)
+
+
+def test_a_requests_rows_are_queued_all_or_none(loaded_model, images: np.ndarray) -> None:
+    """Rows that do not all fit are refused together: none of them waits in the queue for nothing."""
+    sizes: list[int] = []
+
+    async def scenario():
+        batcher = make_batcher(loaded_model, sizes, max_queue_size=4)
+        await batcher.start()
+        first = batcher.enqueue_rows(list(images[:3]), threshold=0.5, max_experts=NUM_EXPERTS)
+        with pytest.raises(OverloadedError, match="2 rows do not fit"):
+            batcher.enqueue_rows(list(images[3:5]), threshold=0.5, max_experts=NUM_EXPERTS)
+        pending = batcher.pending
+        results = await asyncio.gather(*first)
+        await batcher.stop(1.0)
+        return pending, results
+
+    pending, results = asyncio.run(scenario())
+    assert pending == 3 and len(results) == 3 and sum(sizes) == 3
