@@ -25,12 +25,16 @@ async def unless_client_leaves(receive: Receive, future: asyncio.Future[T]) -> T
     """``future``'s result; if the client disconnects first, ``future`` is cancelled and `ClientClosedError`
     raised."""
     watcher = asyncio.ensure_future(_disconnected(receive))
+    left = False
     try:
         await asyncio.wait((future, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not future.done():  # the client left, or this request itself was cancelled
+            left = True
+            # A gathering future (several rows) is not cancelled at once but once its children are: the client
+            # has left all the same.
             future.cancel()
         watcher.cancel()
-    if future.cancelled():
+    if left or future.cancelled():
         raise ClientClosedError("the client disconnected while its request waited")
     return future.result()

@@ -38,7 +38,7 @@ def test_int8_model_is_served_and_described(
     assert parameters["precision"] == "int8" and parameters["graphs"]["trunk.onnx"] == "int8"
     assert parameters["calibration"]["split"] == "train"
     assert parameters["parity_gate"]["num_images"] == 30
-    assert v2["inputs"][0]["datatype"] == "FP32"  # QDQ graphs take float32 images
+    assert v2["inputs"][1] == {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 32, 32]}  # QDQ graphs: float32
     # The same answers as the int8 cascade run in-process on the service's own decoding.
     model = load_model(early_exit_int8_model_dir, provider="cpu", shared_thread_pool=False)
     decoder = ImageDecoder(manifest.input, max_pixels=25_000_000)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -179,3 +180,28 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(slow_batches: Server
     )
     assert value(answered, "ride_requests_total", route="/classify", status="500") == 0
     assert "Traceback" not in slow_batches.log()
+
+
+def test_a_batch_request_whose_client_leaves_is_dropped_whole(slow_batches: ServerProcess, test_images) -> None:
+    """All rows of a several-file request leave the queue with their client, counted once as a 499."""
+    files = [("file", (f"{i}.jpg", data, "image/jpeg")) for i, (_, data) in enumerate(test_images[:3])]
+    upload = httpx.Request("POST", f"{slow_batches.url}/classify", files=files)
+    body = upload.read()
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: {upload.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    before = metrics(slow_batches)
+    with connect(slow_batches) as sock:
+        sock.sendall(head.encode() + body)
+        wait_for_queue_depth(slow_batches, 3)
+    wait_for_queue_depth(slow_batches, 0)
+    time.sleep(0.5)
+    after = metrics(slow_batches)
+    assert value(after, "ride_requests_total", route="/classify", status="499") == (
+        value(before, "ride_requests_total", route="/classify", status="499") + 1
+    )
+    assert value(after, "ride_requests_total", route="/classify", status="500") == value(
+        before, "ride_requests_total", route="/classify", status="500"
+    )
+    assert value(after, "ride_batch_size_count") == value(before, "ride_batch_size_count")
