@@ -29,7 +29,12 @@ def add_page(app: FastAPI) -> None:
         "/",
         index,
         response_class=Response,
-        responses={200: {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+        responses={
+            200: {
+                "description": "The page.",
+                "content": {"text/html": {"schema": {"type": "string"}, "example": "<!doctype html>..."}},
+            }
+        },
         summary="A page to try an image: top-k labels, experts used, compute saved, timing.",
     )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

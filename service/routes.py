@@ -26,6 +26,11 @@ from service.schemas import (
 from service.state import StateDep
 from service.upload import IMAGE_REQUEST_BODY, read_images
 
+METRICS_EXAMPLE = (
+    "# HELP ride_requests_total HTTP requests answered, by route template and status code.\n"
+    "# TYPE ride_requests_total counter\n"
+    'ride_requests_total{route="/classify",status="200"} 1027.0\n'
+)
 CLASSIFY_ROUTE = "/classify"
 MODELS_ROUTE = "/models"  # the served model's description (it was /v1/models, which KServe v1 uses)
 # What /classify can answer besides 200 (the batcher's queue and readiness included).
@@ -146,7 +151,7 @@ def add_routes(app: FastAPI) -> None:
         responses={
             200: {
                 "description": "Prometheus text exposition format.",
-                "content": {EXPOSITION_CONTENT_TYPE: {"schema": {"type": "string"}}},
+                "content": {EXPOSITION_CONTENT_TYPE: {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}},
             }
         },
         summary="Prometheus metrics (text exposition format).",

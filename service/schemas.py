@@ -142,7 +142,31 @@ class ModelSummary(BaseModel):
     )
 
 
+MODEL_SUMMARY_EXAMPLE = {
+    "name": "cifar10-lt-ride4",
+    "version": "1",
+    "provider": "CPUExecutionProvider",
+    "precision": "float32",
+    "num_experts": 4,
+    "has_routers": True,
+    "default_threshold": 0.5,
+    "top_z": 5,
+    "input": {"height": 32, "width": 32, "channels": 3, "resize": "bilinear", "scale": 0.00392156862745098},
+    "classes": [{"id": 0, "name": "airplane", "group": "many", "train_count": 5000}],
+    "cost": {
+        "trunk_macs": 7000000,
+        "expert_macs": [10000000] * 4,
+        "router_macs": [800] * 3,
+        "full_ensemble_macs": 47002400,
+    },
+    "evaluation": {"accuracy": 0.5118},
+    "quantization": None,
+}
+
+
 class ModelsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"models": [MODEL_SUMMARY_EXAMPLE]}]})
+
     models: list[ModelSummary]
 
 

@@ -4,6 +4,7 @@ bearer token and CORS, process and GC metrics, and an OpenAPI document that tell
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -124,3 +125,9 @@ def test_openapi_tells_the_truth(loaded_model, model_dir: Path) -> None:
     predict = paths["/v1/models/{name}:predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["example"]["instances"]
     assert "/v2/models/{name}/versions/{version}/infer" in paths
+    schemas = document["components"]["schemas"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            text = json.dumps(operation)
+            referenced = [json.dumps(schemas[name]) for name in re.findall(r"#/components/schemas/(\w+)", text)]
+            assert any('"example' in part for part in [text, *referenced]), f"{method.upper()} {path}: no example"
