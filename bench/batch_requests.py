@@ -12,8 +12,10 @@ after round, the same ``--rows`` CIFAR-10 test images (JPEG) in each of these fo
 
 The forms take turns within each round (a slow moment of a shared machine hits them all), and each form's
 images/s is its rows over the median time of a round. The ratios against the sequential singles are what to
-read: on a shared machine only ratios measured in one run mean anything. The load average before and after is
-printed.
+read: on a shared machine only ratios measured in one run mean anything. For reference, the same images go
+through the raw cascade (`cascade.run_cascade`, no HTTP, in a child process on the server CPUs with the server's
+thread count) as one batch and one by one, rounds interleaved likewise: the most that batching itself can give on
+this CPU. The load average before and after is printed.
 
     python bench/batch_requests.py [--model-dir models/cifar10-lt-ride4] [--rows 32] [--rounds 30]
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import struct
@@ -33,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -46,7 +50,10 @@ from serve_load import (  # noqa: E402
     start_server,
 )
 
+from cascade import run_cascade  # noqa: E402
 from export.manifest import load_manifest  # noqa: E402
+from service.images import ImageDecoder  # noqa: E402
+from service.model import load_model  # noqa: E402
 from service.settings import DEFAULT_MODEL_DIR  # noqa: E402
 
 Form = Callable[[httpx.AsyncClient, list[bytes]], Awaitable[None]]
@@ -117,6 +124,38 @@ async def measure(url: str, forms: dict[str, Form], images: list[bytes], rounds:
     return seconds
 
 
+def _raw_worker(model_dir: Path, images: list[bytes], rounds: int, cpus: list[int], out) -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)  # before onnxruntime creates its pool, whose threads inherit it
+    model = load_model(model_dir, provider="cpu", intra_op_threads=len(cpus))
+    decoder = ImageDecoder(model.manifest.input, max_pixels=25_000_000)
+    batch = np.stack([decoder.decode(data) for data in images])
+    options = {"thresholds": model.manifest.cascade.default_threshold, "max_experts": model.num_experts}
+    forms = {
+        "raw cascade, batch": lambda: run_cascade(model, batch, **options),
+        "raw cascade, one by one": lambda: [run_cascade(model, row[None], **options) for row in batch],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in forms}
+    for form in forms.values():
+        form()  # warm
+    for _ in range(rounds):
+        for name, form in forms.items():
+            started = time.perf_counter()
+            form()
+            seconds[name].append(time.perf_counter() - started)
+    out.put(seconds)
+
+
+def raw_reference(model_dir: Path, images: list[bytes], rounds: int, cpus: list[int]) -> dict[str, list[float]]:
+    """Seconds per round of the raw cascade on ``images`` as one batch and one by one, in a child process."""
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    process = multiprocessing.Process(target=_raw_worker, args=(model_dir, images, rounds, cpus, queue))
+    process.start()
+    seconds = queue.get(timeout=600)
+    process.join()
+    return seconds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -145,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "singles, sequential": singles_sequential,
         "singles, concurrent": singles_concurrent,
     }
+    raw = raw_reference(args.model_dir, images, args.rounds, args.server_cpus)
     with tempfile.TemporaryDirectory() as workdir:
         process, url = start_server(args.model_dir, args.server_cpus, args.max_batch_size, Path(workdir) / "server.log")
         try:
@@ -156,11 +196,16 @@ def main(argv: list[str] | None = None) -> None:
             process.wait(30)
     print(f"load average at end {load_average()}")
     baseline = args.rows / statistics.median(seconds["singles, sequential"])
-    print(f"\n{'form':<22}{'requests':>9}{'images/s':>11}{'ms/round p50':>14}{'vs sequential singles':>23}")
+    print(f"\n{'form':<25}{'requests':>9}{'images/s':>11}{'ms/round p50':>14}{'vs sequential singles':>23}")
     for name, rounds in seconds.items():
         rate = args.rows / statistics.median(rounds)
         requests = 1 if "batch" in name else args.rows
-        print(f"{name:<22}{requests:>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}{rate / baseline:>22.2f}x")
+        print(f"{name:<25}{requests:>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}{rate / baseline:>22.2f}x")
+    one_by_one = args.rows / statistics.median(raw["raw cascade, one by one"])
+    print(f"\n{'reference (no HTTP)':<25}{'':>9}{'images/s':>11}{'ms/round p50':>14}{'vs one by one':>23}")
+    for name, rounds in raw.items():
+        rate = args.rows / statistics.median(rounds)
+        print(f"{name:<25}{'':>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}{rate / one_by_one:>22.2f}x")
 
 
 if __name__ == "__main__":
