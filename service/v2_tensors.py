@@ -167,7 +167,11 @@ def float_elements(data: bytes | list[object], count: int, tensor: str) -> np.nd
             raise InvalidInputError(f"input {tensor!r}: {len(data)} elements of data, expected {count} for its shape")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
             raise InvalidInputError(f"input {tensor!r}: FP32 data must be numbers")
-        values = np.asarray(data, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            try:
+                values = np.asarray(data, dtype=np.float32)
+            except OverflowError:  # a JSON integer beyond any float
+                raise InvalidInputError(f"input {tensor!r}: data holds a number too large for FP32") from None
     if not np.isfinite(values).all():
         raise InvalidInputError(f"input {tensor!r}: data holds NaN or infinite values")
     return values

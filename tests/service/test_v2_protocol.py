@@ -239,6 +239,7 @@ def bad_bodies(jpeg: bytes, height: int) -> dict[str, tuple[dict | bytes, dict]]
     pixels = {"name": "pixels", "shape": [1, 3, height, height], "datatype": "FP32"}
     zero_pixels = [0.0] * (3 * height * height)
     head = json.dumps({"inputs": [{**image, "data": None, "parameters": {"binary_data_size": 9999}}]}).encode()
+    huge = json.dumps({"inputs": [{**pixels, "data": ["HUGE", *zero_pixels[1:]]}]})
     short = json.dumps({"inputs": [{**image, "data": None, "parameters": {"binary_data_size": 6}}]}).encode()
     return {
         "not JSON": (b"{nope", {}),
@@ -253,6 +254,8 @@ def bad_bodies(jpeg: bytes, height: int) -> dict[str, tuple[dict | bytes, dict]]
         "wrong pixel shape": ({"inputs": [{**pixels, "shape": [1, 3, 8, 8], "data": [0.0] * 192}]}, {}),
         "pixel count": ({"inputs": [{**pixels, "data": zero_pixels[:-1]}]}, {}),
         "pixels not numbers": ({"inputs": [{**pixels, "data": ["a"] * len(zero_pixels)}]}, {}),
+        "pixels beyond float": (huge.replace('"HUGE"', "1" + "0" * 400).encode(), {}),
+        "pixels infinite": ({"inputs": [{**pixels, "data": [1e39, *zero_pixels[1:]]}]}, {}),
         "no data": ({"inputs": [{**image, "data": None}]}, {}),
         "unknown output": ({"inputs": [image], "outputs": [{"name": "logits"}]}, {}),
         "output twice": ({"inputs": [image], "outputs": [{"name": "label"}, {"name": "label"}]}, {}),
