@@ -58,6 +58,7 @@ class Outcomes:
     connect_seconds: list[float] = field(default_factory=list)  # opening each new connection
     server_ms: list[float] = field(default_factory=list)  # each 200's own timing_ms.total: its time in the app
     server_queue_p99: str = "?"  # from the server's queue-wait histogram
+    thresholds: list[float] = field(default_factory=list)  # each 200's X-Threshold header (the threshold it ran at)
     seconds: float = 0.0
 
     def rate(self, status: str) -> float:
@@ -94,6 +95,7 @@ def request_bytes(body: bytes) -> bytes:
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.threshold = float("nan")  # the last response's X-Threshold
 
     async def exchange(self, request: bytes) -> tuple[int, bool, bytes]:
         """Send ``request``; the response's status, whether the server closes the connection after it, and the
@@ -102,12 +104,15 @@ class Connection:
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         length, close = 0, False
+        self.threshold = float("nan")
         for line in head.lower().split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
             if name == b"content-length":
                 length = int(value)
             elif name == b"connection" and b"close" in value:
                 close = True
+            elif name == b"x-threshold":
+                self.threshold = float(value)
         body = await self.reader.readexactly(length)
         return status, close, body
 
@@ -142,6 +147,7 @@ class Pool:
         if status == 200:
             outcomes.ok_latencies.append(time.perf_counter() - started)
             outcomes.server_ms.append(json.loads(body)["timing_ms"]["total"])
+            outcomes.thresholds.append(connection.threshold)
         if close:
             connection.close()
         else:

@@ -102,6 +102,20 @@ def quantize_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def curve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export curve",
+        description="Add the validation accuracy/compute curve to a model folder exported before manifest format 3 "
+        "(its graphs are untouched): the training run's data config rebuilds the validation split, checked "
+        "against the manifest's classes and training counts; the manifest is rewritten in format 3.",
+    )
+    parser.add_argument("folder", type=Path, help="model folder, e.g. models/NAME")
+    parser.add_argument("--config", type=Path, required=True, help="the training run's config (TOML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the config's data.root)")
+    return parser
+
+
 def verify_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export verify",
@@ -159,6 +173,13 @@ def _run_quantize(args: argparse.Namespace) -> None:
     )
 
 
+def _run_curve(args: argparse.Namespace) -> None:
+    from export.build import add_curve_to_folder
+    from training.config import load_config
+
+    add_curve_to_folder(args.folder, load_config(args.config, args.set).data, data_dir=args.data_dir, log=_log)
+
+
 def _run_verify(args: argparse.Namespace) -> None:
     from export.manifest import folder_digest
     from export.verify import verify_model_folder
@@ -175,7 +196,11 @@ def _run_verify(args: argparse.Namespace) -> None:
     print(f"folder digest (serve only this folder with RIDE_MODEL_SHA256={folder_digest(args.folder)})")
 
 
-_COMMANDS = {"verify": (verify_parser, _run_verify), "quantize": (quantize_parser, _run_quantize)}
+_COMMANDS = {
+    "verify": (verify_parser, _run_verify),
+    "quantize": (quantize_parser, _run_quantize),
+    "curve": (curve_parser, _run_curve),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

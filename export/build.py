@@ -64,6 +64,7 @@ from export.manifest import (
     sha256_file,
     write_manifest,
 )
+from export.operating_curve import measure_curve, with_curve
 from export.ort_model import GraphRuntimeError, OrtModel
 from export.parity_gate import DEFAULT_MAX_ACCURACY_DROP, GateReport
 from export.quantize import DEFAULT_CALIBRATION_IMAGES
@@ -77,7 +78,7 @@ from export.verify import (
     verify_parity,
 )
 from training.config import DataConfig
-from training.data import preprocess
+from training.data import DataError, normalize, preprocess
 from training.metrics import CheckpointMetrics
 
 Log = Callable[[str], None]
@@ -140,6 +141,7 @@ def export_checkpoint(
             splits, calibration_images=calibration_images, mean=meta.input.mean, std=meta.input.std
         )
     images = load_verification_images(source.meta, data_dir, num_images)
+    validation = _validation_split(source, data_dir, log) if int8_inputs is None else int8_inputs.validation_split
     with _staging(out) as tmp:
         manifest = _write_folder(source, tmp, images, model_id=model_id, opset=opset, fp16=fp16, log=log)
         log(f"verifying against PyTorch on {len(images)} test images")
@@ -148,6 +150,7 @@ def export_checkpoint(
         if not report.passed:
             raise VerificationError(f"the exported graphs do not match the checkpoint:\n{report.summary()}", report)
         record = _write_verification(tmp, report, data_dir)
+        manifest = add_operating_curve(tmp, manifest, validation, log)
         if int8_inputs is None:
             _install(tmp, out, force)
             log(f"wrote {out} (folder digest, for RIDE_MODEL_SHA256: {folder_digest(out)})")
@@ -220,6 +223,36 @@ def quantize_model(
     return ExportResult(out, manifest, None, gate)
 
 
+def add_curve_to_folder(folder: Path, data_cfg: DataConfig, *, data_dir: Path | None = None, log: Log = _quiet) -> Path:
+    """Measure the validation curve of the model folder ``folder`` and rewrite its manifest in the current format
+    with it; graphs, known answers and everything else stay as they are (so do the answers it serves).
+
+    For a folder exported before manifest format 3 whose checkpoint is not at hand: ``data_cfg`` is the training
+    run's data config, from which the validation split is rebuilt and checked against the manifest's classes and
+    training counts. The new manifest is checked as the service loads it before it replaces the old one.
+    """
+    folder = Path(folder)
+    manifest = load_manifest(folder, check_hashes=True)
+    if not manifest.cascade.has_routers:
+        raise ExportError(f"{folder} has no routers: a single operating point (every expert), no curve to measure")
+    classes = manifest.classes
+    data = load_splits(
+        data_cfg, data_dir, class_names=[c.name for c in classes], class_counts=[c.train_count for c in classes]
+    )
+    assert data.val is not None  # load_splits refuses data without a validation split
+    images = normalize(data.val.images, manifest.input.mean, manifest.input.std).numpy()
+    curve = measure_curve(folder, manifest, images, data.val.labels.numpy())
+    with _staging(folder / "curve") as tmp:
+        write_manifest(with_curve(manifest, curve), tmp)
+        for spec in manifest.graph_specs():  # hard links: the graphs checked with the new manifest are these files
+            os.link(folder / spec.file, tmp / spec.file)
+        load_manifest(tmp, check_hashes=True)
+        os.replace(tmp / MANIFEST_NAME, folder / MANIFEST_NAME)
+    log(f"operating curve: {len(curve.points)} thresholds on {len(data.val)} validation images")
+    log(f"wrote {folder / MANIFEST_NAME} (format 3; folder digest, for RIDE_MODEL_SHA256: {folder_digest(folder)})")
+    return folder
+
+
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh private folder next to ``out``, removed on the way out unless it was renamed into place (and the
@@ -237,6 +270,39 @@ def _staging(out: Path) -> Iterator[Path]:
                 out.parent.rmdir()
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # still there only when it was a float32 stage of an int8 export
+
+
+def _validation_split(source: SourceModel, data_dir: Path | None, log: Log) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training run's validation split (normalised images, labels), rebuilt from its data config with
+    ``data_dir`` as the root, else with the config's own root; None (logged) when the run has no validation split
+    or neither root holds the run's data, or the model has no routers (no curve to measure)."""
+    if source.routers is None:
+        return None
+    meta = source.meta
+    problems = []
+    for root in dict.fromkeys([data_dir, None]):
+        try:
+            data = load_splits(meta.config.data, root, class_names=meta.class_names, class_counts=meta.class_counts)
+        except (DataError, OSError) as error:
+            problems.append(f"{root or 'data.root'}: {error}")
+            continue
+        assert data.val is not None
+        return normalize(data.val.images, meta.input.mean, meta.input.std).numpy(), data.val.labels.numpy()
+    log(f"no operating curve in the manifest: the run's validation split cannot be rebuilt ({'; '.join(problems)})")
+    return None
+
+
+def add_operating_curve(
+    folder: Path, manifest: Manifest, validation: tuple[np.ndarray, np.ndarray] | None, log: Log
+) -> Manifest:
+    """Measure the graphs' validation curve (`export.operating_curve`) and rewrite ``folder``'s manifest with it."""
+    if validation is None or not manifest.cascade.has_routers:
+        return manifest
+    images, labels = validation
+    curve = measure_curve(folder, manifest, images, labels)
+    log(f"operating curve: {len(curve.points)} thresholds on {len(labels)} validation images")
+    write_manifest(with_curve(manifest, curve), folder)
+    return load_manifest(folder, check_hashes=True)
 
 
 def _check_target(out: Path, force: bool) -> None:

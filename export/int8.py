@@ -27,6 +27,7 @@ from export.manifest import (
     sha256_file,
     write_manifest,
 )
+from export.operating_curve import measure_curve, with_curve
 from export.ort_model import OrtModel
 from export.parity_gate import GateReport, run_gate
 from export.quantize import BODY_OP_TYPES, REDUCE_RANGE, quantize_folder
@@ -106,7 +107,11 @@ def build_int8_folder(
     # The float32 model's known-answer images, answered by the int8 graphs: what the server checks at start-up.
     pixels = np.stack([decode_png(text, manifest.input) for text in manifest.known_answers.images])
     known = record_known_answers(int8_graphs, pixels, manifest.input)
-    final = candidate.model_copy(
+    # The int8 graphs' own curve: their exits and accuracy differ a little from the float32 ones.
+    curve = measure_curve(target, candidate, images.validation, images.validation_labels)
+    points = len(curve.points) if curve is not None else 0
+    log(f"operating curve: {points} thresholds on {len(images.validation)} validation images")
+    final = with_curve(candidate, curve).model_copy(
         update={"model": model_id, "precision": "int8", "quantization": quantization, "known_answers": known}
     )
     write_manifest(final, target)

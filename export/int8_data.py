@@ -28,6 +28,11 @@ class Int8Images:
     validation: np.ndarray
     validation_labels: np.ndarray
 
+    @property
+    def validation_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The validation images and their labels."""
+        return self.validation, self.validation_labels
+
 
 def load_splits(
     data_cfg: DataConfig, data_dir: Path | None, *, class_names: list[str], class_counts: list[int]

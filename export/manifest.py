@@ -12,12 +12,15 @@ which holds every graph's sha256, so one value pins everything the server loads:
 hash in the manifest changes it). Format 2 added the known answers (`KnownAnswers`, checked by
 `export.known_answers`); a format-1 manifest is refused with the advice to re-export: without known answers its
 graphs cannot be checked. An int8 folder carries a `Quantization` record as well (optional in the format: float32
-and float16 manifests have none).
+and float16 manifests have none). Format 3 adds the validation accuracy/compute curve (`OperatingCurve`), from
+which the service picks its operating points; format 2 is still read (its models have no curve: they serve at
+their default threshold, and a compute budget is refused for them).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cascade import DECISION_RULE, CostModel, Threshold
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Older formats still read: 2 (no operating curve).
+READABLE_FORMATS = (2, 3)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
@@ -74,6 +79,10 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
+GROUPS = ("many", "medium", "few")
+Group = Literal["many", "medium", "few"]
+
+
 class ClassInfo(_Strict):
     id: int = Field(ge=0)
     name: str = Field(
@@ -83,7 +92,7 @@ class ClassInfo(_Strict):
         description='Unique and printable, without markup characters (<>&"`\\) or spaces at either end.',
     )
     train_count: int = Field(ge=0)
-    group: Literal["many", "medium", "few"]
+    group: Group
 
     @field_validator("name")
     @classmethod
@@ -232,8 +241,36 @@ class KnownAnswers(_Strict):
     router_logits: list[list[Finite]] = Field(description="Per image: each router's logit (none without routers).")
 
 
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class OperatingPoint(_Strict):
+    """The cascade at one threshold (every expert allowed) on the curve's split."""
+
+    threshold: Threshold
+    relative_compute: float = Field(
+        gt=0, le=1, allow_inf_nan=False, description="Mean MACs per image / MACs of every expert and router."
+    )
+    mean_experts_used: float = Field(ge=1, allow_inf_nan=False)
+    accuracy: Fraction = Field(description="Top-1 accuracy over the split's images.")
+    many: Fraction | None = Field(description="Mean per-class accuracy of the many-shot classes (None: no such class).")
+    medium: Fraction | None = Field(description="The same for the medium-shot classes.")
+    few: Fraction | None = Field(description="The same for the few-shot classes.")
+
+
+class OperatingCurve(_Strict):
+    """Accuracy against relative compute when sweeping the threshold, measured by the exporter on the exported
+    graphs over the training run's validation split (never the test split)."""
+
+    split: Literal["validation"] = "validation"
+    num_images: int = Field(ge=1)
+    points: list[OperatingPoint] = Field(
+        min_length=1, description="By increasing threshold (so by non-increasing relative compute); unique thresholds."
+    )
+
+
 class Manifest(_Strict):
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[2, 3] = FORMAT_VERSION
     model: ModelId
     source_checkpoint: SourceCheckpoint
     precision: Precision = "float32"
@@ -245,6 +282,9 @@ class Manifest(_Strict):
     exported_with: ToolVersions
     known_answers: KnownAnswers
     quantization: Quantization | None = Field(None, description="Present exactly when precision is int8.")
+    operating_curve: OperatingCurve | None = Field(
+        None, description="Format 3: the validation curve (absent for a model without routers or validation split)."
+    )
 
     def graph_specs(self) -> list[GraphSpec]:
         return self.graphs.specs()
@@ -258,7 +298,7 @@ def json_schema() -> dict:
     """The JSON schema of the manifest, generated from the pydantic models."""
     schema = Manifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://ride-serve.dev/schemas/manifest-v2.json"
+    schema["$id"] = f"https://ride-serve.dev/schemas/manifest-v{FORMAT_VERSION}.json"
     return schema
 
 
@@ -304,14 +344,31 @@ def _check_consistency(manifest: Manifest) -> None:
         files = sorted(spec.file for spec in manifest.graph_specs())
         if sorted(manifest.quantization.graphs) != files:
             raise ManifestError(f"quantization.graphs must name every graph file exactly once: {files}")
+    _check_curve(manifest)
+
+
+def _check_curve(manifest: Manifest) -> None:
+    curve = manifest.operating_curve
+    if curve is None:
+        return
+    if manifest.format_version < 3:
+        raise ManifestError("operating_curve needs manifest format 3")
+    if not manifest.cascade.has_routers:
+        raise ManifestError("operating_curve: a model without routers has one operating point, no curve")
+    thresholds = [p.threshold for p in curve.points]
+    if any(a >= b for a, b in itertools.pairwise(thresholds)):
+        raise ManifestError("operating_curve: points must be ordered by strictly increasing threshold")
+    computes = [p.relative_compute for p in curve.points]
+    if any(a < b for a, b in itertools.pairwise(computes)):
+        raise ManifestError("operating_curve: relative compute cannot grow with the threshold")
 
 
 def validate_manifest_dict(data: dict, source: str = MANIFEST_NAME) -> Manifest:
     """Validate raw manifest data against the shipped JSON schema and the pydantic model."""
     version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION and isinstance(version, int) and version < FORMAT_VERSION:
+    if isinstance(version, int) and version < min(READABLE_FORMATS):
         raise ManifestError(
-            f"{source} is manifest format {version}; this version reads format {FORMAT_VERSION}, which adds the "
+            f"{source} is manifest format {version}; this version reads formats {READABLE_FORMATS}, which add the "
             "known answers that let the server check its graphs: re-export the model with `python -m export`"
         )
     try:

@@ -95,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         state.model.provider,
         _threads_note(settings.threads_for(CUDA in requested_providers(settings.provider))),
     )
+    serving = state.operating.serving
+    expected = f", validation compute {serving.point.relative_compute:.3f}" if serving.point is not None else ""
+    logger.info("serving threshold %.6g (from %s%s)", serving.threshold, serving.source, expected)
     if state.model.provider == CUDA:
         logger.info("CUDA: %s", read_cuda_info(cuda_build_version()).describe())
     server = build_server(app, settings)

@@ -31,6 +31,7 @@ class Admission:
         self._batcher = batcher
         self._max_queue_size = max_queue_size
         self._max_queue_wait_s = max_queue_wait_s
+        self.wait_bound_s = max_queue_wait_s  # lowered by load-adaptive early exit at its floor (`service.adaptive`)
         self.in_progress = 0  # admitted, still reading or decoding: not yet in the batcher's queue
 
     def check(self) -> None:
@@ -43,11 +44,16 @@ class Admission:
         if ahead >= self._max_queue_size:
             raise OverloadedError(f"{ahead} requests are already waiting; retry later")
         wait_s = self._batcher.expected_wait_s(ahead)
-        if wait_s > self._max_queue_wait_s:
+        if wait_s > self.wait_bound_s:
             raise OverloadedError(
                 f"the expected wait for the {ahead} requests ahead is {wait_s * 1e3:.0f} ms, above the bound of "
-                f"{self._max_queue_wait_s * 1e3:.0f} ms; retry later"
+                f"{self.wait_bound_s * 1e3:.0f} ms; retry later"
             )
+
+    def bound_wait(self, seconds: float | None) -> None:
+        """Admit only requests expected to wait at most ``seconds`` (at most the configured bound); None: the
+        configured bound again."""
+        self.wait_bound_s = self._max_queue_wait_s if seconds is None else min(seconds, self._max_queue_wait_s)
 
     @contextmanager
     def admit(self) -> Iterator[None]:

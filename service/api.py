@@ -23,6 +23,7 @@ from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import OnnxModel, load_model, requested_providers
 from service.openapi import truthful_openapi
+from service.operating_routes import add_operating_routes
 from service.page import add_page
 from service.request_context import RequestContextMiddleware
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
@@ -61,12 +62,18 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.batcher.start()
+        await state.shadow.start()
+        if state.adaptive is not None:
+            await state.adaptive.start()
         warming = asyncio.create_task(state.warm_up())
         try:
             yield
         finally:
             state.ready = False
             warming.cancel()
+            await state.shadow.stop()
+            if state.adaptive is not None:
+                await state.adaptive.stop()
             await state.batcher.stop(settings.shutdown_timeout_s)
             state.decode_pool.close()
 
@@ -81,6 +88,7 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     add_v1_routes(app)
     add_v2_routes(app)
     add_page(app)
+    add_operating_routes(app, admin=settings.admin_routes)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
     truthful_openapi(app)
     routes = [route.path for route in app.routes if isinstance(route, Route)]  # APIRoute is a Route

@@ -107,6 +107,7 @@ class Batcher:
         self._max_wait_s = max_wait_s
         self._max_queue_size = max_queue_size
         self._max_queue_wait_s = max_queue_wait_s
+        self.queue_wait_bound_s = max_queue_wait_s  # lowered by load-adaptive early exit at its floor
         self._on_batch = on_batch
         self._batch_seconds: float | None = None  # moving average of a batch's time
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -123,6 +124,16 @@ class Batcher:
         """Requests accepted and not yet running (queued, or in a batch still being formed), cancelled ones not
         counted."""
         return self._pending
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting and no batch running."""
+        return self._pending == 0 and not self._running_batch
+
+    def bound_queue_wait(self, seconds: float | None) -> None:
+        """Give requests queued from now on at most ``seconds`` in the queue (at most the configured bound); None:
+        the configured bound again."""
+        self.queue_wait_bound_s = self._max_queue_wait_s if seconds is None else min(seconds, self._max_queue_wait_s)
 
     def expected_wait_s(self, rows_ahead: int) -> float:
         """About how long a request with ``rows_ahead`` rows before it would wait to start: the batch running, and
@@ -159,7 +170,7 @@ class Batcher:
         if self._pending >= self._max_queue_size:
             raise OverloadedError(f"{self._pending} requests are already waiting; retry later")
         future: asyncio.Future[RowResult] = asyncio.get_running_loop().create_future()
-        item = _Pending(image, threshold, max_experts, future, deadline=time.perf_counter() + self._max_queue_wait_s)
+        item = _Pending(image, threshold, max_experts, future, deadline=time.perf_counter() + self.queue_wait_bound_s)
         self._pending += 1
         future.add_done_callback(lambda _: self._uncount(item))  # cancelled or dropped: out of the count at once
         self._queue.put_nowait(item)
@@ -248,7 +259,7 @@ class Batcher:
         if now <= item.deadline:
             return True
         waited_ms = (now - item.enqueued_at) * 1e3
-        bound_ms = self._max_queue_wait_s * 1e3
+        bound_ms = (item.deadline - item.enqueued_at) * 1e3
         item.future.set_exception(
             OverloadedError(f"waited {waited_ms:.0f} ms in the queue, above the bound of {bound_ms:.0f} ms")
         )

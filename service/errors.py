@@ -66,6 +66,18 @@ class ModelNotFoundError(ServiceError):
     code = "model_not_found"
 
 
+class OperatingCurveNotFoundError(ServiceError):
+    """The model's manifest carries no accuracy/compute curve (format 2, or no routers)."""
+
+    code = "operating_curve_not_found"
+
+
+class ConflictError(ServiceError):
+    """A change the server's settings forbid (e.g. moving a threshold that RIDE_DEFAULT_THRESHOLD fixes)."""
+
+    code = "conflict"
+
+
 class OverloadedError(ServiceError):
     """The server cannot take this request in time (queue full, expected wait too long, deadline passed, decoders
     busy); the client should retry later."""

@@ -21,12 +21,14 @@ from starlette.requests import ClientDisconnect
 
 from service.errors import (
     ClientClosedError,
+    ConflictError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidInputError,
     InvalidParameterError,
     ModelNotFoundError,
     NotReadyError,
+    OperatingCurveNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     ServiceError,
@@ -46,6 +48,8 @@ ERROR_STATUS: dict[type[ServiceError], int] = {
     InvalidInputError: 400,
     UnauthorizedError: 401,
     ModelNotFoundError: 404,
+    OperatingCurveNotFoundError: 404,
+    ConflictError: 409,
     PayloadTooLargeError: 413,
     TooManyRowsError: 413,
     ImageTooLargeError: 413,

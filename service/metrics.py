@@ -6,7 +6,8 @@ for everything worth a percentile. Labelled series are created up front so that 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +20,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from service.operating_points import ServingPoint
 
 # Sub-millisecond resolution where this model lives (a batch takes ~0.3-5 ms on CPU), up to 10 s for stragglers.
 LATENCY_BUCKETS = (
@@ -69,6 +72,7 @@ class Metrics:
         model_name: str,
         model_version: str,
         provider: str,
+        groups: Sequence[str] = ("many", "medium", "few"),
     ) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -104,14 +108,32 @@ class Metrics:
         )
         self.experts_used = Histogram(
             "ride_experts_used",
-            "Experts run per successful classification.",
+            "Experts run per successful classification, by the class group (many, medium, few) of its answer.",
+            ["group"],
             buckets=tuple(range(1, num_experts + 1)),
             registry=registry,
         )
         self.exits_total = Counter(
             "ride_exits_total",
-            "Successful classifications by the expert they stopped after.",
-            ["expert"],
+            "Successful classifications by the expert they stopped after and the class group of their answer.",
+            ["expert", "group"],
+            registry=registry,
+        )
+        self.shadow_total = Counter(
+            "ride_shadow_total",
+            "Shadow-checked classifications (RIDE_SHADOW_RATE): whether running every expert gives the same top-1 "
+            "class (agree) or not (disagree), by the class group of the routed answer.",
+            ["outcome", "group"],
+            registry=registry,
+        )
+        self.shadow_dropped = Counter(
+            "ride_shadow_dropped_total",
+            "Classifications sampled for the shadow but dropped: its queue was full.",
+            registry=registry,
+        )
+        self.shadow_compute = Counter(
+            "ride_shadow_relative_compute_total",
+            "Compute the shadow spent, in full-ensemble units (1 = every expert and router on one image).",
             registry=registry,
         )
         self.relative_compute = Histogram(
@@ -150,6 +172,30 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.operating_threshold = Gauge(
+            "ride_operating_threshold",
+            "Router threshold of a request that names none (the serving operating point).",
+            registry=registry,
+        )
+        self.operating_relative_compute = Gauge(
+            "ride_operating_expected_relative_compute",
+            "Validation relative compute of the serving operating point (the manifest's curve; NaN off the curve).",
+            registry=registry,
+        )
+        self.adaptive_steps = Counter(
+            "ride_adaptive_steps_total",
+            "Steps of load-adaptive early exit along the curve: to a cheaper point, or back (one step may move several "
+            "rungs).",
+            ["direction"],
+            registry=registry,
+        )
+        self.adaptive_wait_p95 = Gauge(
+            "ride_adaptive_queue_wait_p95_seconds",
+            "The moving 95th percentile of the queue wait that load-adaptive early exit steers by.",
+            registry=registry,
+        )
+        for direction in ("cheaper", "back"):
+            self.adaptive_steps.labels(direction=direction)
         self.model_info = Gauge(
             "ride_model_info",
             "The model served and the onnxruntime provider really in use (value 1).",
@@ -157,8 +203,12 @@ class Metrics:
             registry=registry,
         )
         self.model_info.labels(name=model_name, version=model_version, provider=provider).set(1)
-        for expert in range(1, num_experts + 1):
-            self.exits_total.labels(expert=str(expert))
+        for group in groups:
+            self.experts_used.labels(group=group)
+            for expert in range(1, num_experts + 1):
+                self.exits_total.labels(expert=str(expert), group=group)
+            for outcome in ("agree", "disagree"):
+                self.shadow_total.labels(outcome=outcome, group=group)
 
     def preinitialise_routes(self, routes: Iterable[str], error_statuses: Mapping[str, Iterable[int]]) -> None:
         """Create the request series of every route, and of the error statuses a route declares (see
@@ -174,12 +224,26 @@ class Metrics:
         self.requests_total.labels(route=route, status=str(status)).inc()
         self.request_duration.labels(route=route).observe(seconds)
 
-    def observe_classification(self, *, queue_seconds: float, experts_used: int, relative_compute: float) -> None:
-        """One call per successful classification, so that the counts of these series add up."""
+    def observe_classification(
+        self, *, queue_seconds: float, experts_used: int, relative_compute: float, group: str
+    ) -> None:
+        """One call per successful classification, so that the counts of these series add up; ``group`` is the
+        class group of its answer."""
         self.queue_wait.observe(queue_seconds)
-        self.experts_used.observe(experts_used)
-        self.exits_total.labels(expert=str(experts_used)).inc()
+        self.experts_used.labels(group=group).observe(experts_used)
+        self.exits_total.labels(expert=str(experts_used), group=group).inc()
         self.relative_compute.observe(relative_compute)
+
+    def observe_shadow(self, agrees: bool, group: str, relative_compute: float) -> None:
+        """One shadow-checked classification: the routed answer (of class group ``group``) against every expert's."""
+        self.shadow_total.labels(outcome="agree" if agrees else "disagree", group=group).inc()
+        self.shadow_compute.inc(relative_compute)
+
+    def observe_serving_point(self, serving: ServingPoint) -> None:
+        """The serving operating point changed (or was set at start-up)."""
+        self.operating_threshold.set(serving.threshold)
+        expected = serving.point.relative_compute if serving.point is not None else math.nan
+        self.operating_relative_compute.set(expected)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -59,14 +59,14 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     started = time.perf_counter()
     _require_single_values(request)
     state.require_warm()
-    threshold, max_experts = state.cascade_settings(params)
+    threshold, max_experts, budget_warning = state.cascade_choice(params)
     with state.admission.admit():  # before the body is read: refusing late spends the work it should save
         uploads = await read_images(request, state.settings.max_body_bytes, state.max_request_rows)
         check_row_count(len(uploads), state.max_request_rows)
         images = await decode_rows(uploads, state.decoder, state.decode_pool)
         queued = queue_rows(state, images, threshold=threshold, max_experts=max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows)
+    observe_rows(state, rows, images, threshold)
     total_s = time.perf_counter() - started
     results = [classify_response(state, row, params.top_k, total_s) for row in rows]
     if len(results) == 1:
@@ -81,6 +81,9 @@ async def classify(request: Request, state: StateDep, params: Annotated[Classify
     else:
         body = ClassifyBatchResponse(results=results)
         headers = {"Server-Timing": f"total;dur={total_s * 1e3:.3f}"}
+    headers["X-Threshold"] = repr(threshold)
+    if budget_warning is not None:
+        headers["X-Target-Compute-Warning"] = budget_warning
     # Serialised here: FastAPI would validate the model a second time on the way out.
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 

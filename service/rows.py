@@ -92,9 +92,21 @@ def queue_rows(state: ServiceState, images: Sequence[np.ndarray], *, threshold: 
     return QueuedRows(state.batcher.enqueue_rows(images, threshold=threshold, max_experts=max_experts))
 
 
-def observe_rows(state: ServiceState, rows: Sequence[RowResult]) -> None:
-    """The classification metrics, one observation per row answered."""
-    for row in rows:
+def observe_rows(
+    state: ServiceState, rows: Sequence[RowResult], images: Sequence[np.ndarray], threshold: float
+) -> None:
+    """One observation per row answered at ``threshold``: the classification metrics (by the class group of the
+    answer), the adaptive controller's queue wait when the row ran at the serving point, and the shadow's sample."""
+    at_serving_point = threshold == state.default_threshold
+    for row, image in zip(rows, images, strict=True):
+        class_id = int(np.argmax(row.probabilities))  # the answer: the first most probable class
+        group = state.groups[class_id]
         state.metrics.observe_classification(
-            queue_seconds=row.queue_seconds, experts_used=row.experts_used, relative_compute=row.relative_compute
+            queue_seconds=row.queue_seconds,
+            experts_used=row.experts_used,
+            relative_compute=row.relative_compute,
+            group=group,
         )
+        if at_serving_point:
+            state.observe_wait(row.queue_seconds)
+        state.shadow.offer(image, class_id, group)

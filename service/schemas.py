@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cascade import Threshold
 
@@ -44,8 +44,22 @@ class ClassifyParams(BaseModel):
     threshold: Threshold | None = Field(
         None, description="Router threshold: continue to the next expert iff sigmoid >= threshold."
     )
+    target_compute: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Compute budget in (0, 1]: run at the operating point whose validation relative compute is the "
+        "largest not above it (not with `threshold`; RIDE_DEFAULT_THRESHOLD, when set, overrides it).",
+    )
     # E depends on the model served: the range is checked against it when the request runs (ServiceState).
     max_experts: int | None = Field(None, description="Run at most this many experts (1..E).")
+
+    @model_validator(mode="after")
+    def _threshold_or_budget(self) -> ClassifyParams:
+        # Both would be a contradiction: serving one of them silently hides the client's mistake.
+        if self.threshold is not None and self.target_compute is not None:
+            raise ValueError("give threshold or target_compute, not both")
+        return self
 
 
 CLASSIFY_EXAMPLE = {

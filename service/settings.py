@@ -125,7 +125,48 @@ class Settings(BaseSettings):
         16, ge=0, description="Images waiting for a decoding thread beyond which new ones get 503 + Retry-After."
     )
     default_threshold: Threshold | None = Field(
-        None, description="Router threshold when a request gives none (default: the manifest's)."
+        None,
+        description="Router threshold when a request gives none (default: the manifest's). Fixes the serving "
+        "threshold: it overrides target_compute (the setting and the request parameter) and the admin route.",
+    )
+    target_compute: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Compute budget in (0, 1] (fraction of the full ensemble): serve the threshold whose validation "
+        "relative compute (the manifest's curve) is the largest not above it; below the cheapest point, the "
+        "cheapest point, with a warning. Default: the manifest's threshold.",
+    )
+    adaptive_latency_target_ms: float | None = Field(
+        None,
+        gt=0.0,
+        description="Load-adaptive early exit: when the moving p95 of the queue wait goes above this, step to cheaper "
+        "operating points along the manifest's curve (back when it falls). Off when unset.",
+    )
+    adaptive_min_compute: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="The floor of load-adaptive early exit: the cheapest point used has at least this validation "
+        "relative compute (default: the curve's cheapest point).",
+    )
+    shadow_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of classifications also run through every expert after they are answered, off the hot "
+        "path, to measure how often early exit changes the answer (ride_shadow_total). 0: off.",
+    )
+    shadow_queue_size: int = Field(
+        64, ge=1, description="Shadow samples waiting at most; a sample that finds the queue full is dropped."
+    )
+    admin_routes: bool = Field(
+        False,
+        description="Enable the admin routes (PUT /v2/models/{name}/operating-point); off: they answer 404.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token the admin routes require (Authorization: Bearer <token>) when set; 401 without it.",
     )
     shutdown_delay_s: float = Field(
         0.0,
@@ -183,6 +224,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
+    @field_validator("admin_token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("an empty admin token would let anyone in: unset RIDE_ADMIN_TOKEN or give a token")
+        return value
+
     @field_validator("model_dir")
     @classmethod
     def _expand_user(cls, value: Path) -> Path:
@@ -208,6 +256,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_wait_ms ({self.max_wait_ms:g}) must be below max_queue_wait_ms ({self.max_queue_wait_ms:g}): "
                 "a request waits for its batch in the queue"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_needs_a_movable_threshold(self) -> Settings:
+        if self.adaptive_latency_target_ms is not None and self.default_threshold is not None:
+            raise ValueError(
+                "adaptive_latency_target_ms steps the threshold along the curve, and default_threshold fixes it: "
+                "set one of RIDE_ADAPTIVE_LATENCY_TARGET_MS and RIDE_DEFAULT_THRESHOLD"
             )
         return self
 

@@ -11,16 +11,19 @@ import numpy as np
 from fastapi import Depends, Request
 
 from cascade import CascadeResult, check_max_experts, run_cascade
+from service.adaptive import AdaptiveController
 from service.admission import Admission
 from service.batcher import Batcher, batch_buckets
 from service.decode_pool import DecodePool
 from service.drain import Drain
-from service.errors import InvalidParameterError, NotReadyError
+from service.errors import InvalidParameterError, ModelLoadError, NotReadyError
 from service.images import ImageDecoder, default_max_pixels
 from service.metrics import Metrics
 from service.model import CUDA, OnnxModel, warm_up
+from service.operating_points import BudgetError, OperatingPoints
 from service.schemas import ClassifyParams
 from service.settings import Settings
+from service.shadow import Shadow
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,6 @@ class ServiceState:
         self.settings = settings
         self.model = model
         manifest = model.manifest
-        self.default_threshold = (
-            settings.default_threshold if settings.default_threshold is not None else manifest.cascade.default_threshold
-        )
         self.labels = [c.name for c in manifest.classes]
         max_pixels = settings.max_pixels if settings.max_pixels is not None else default_max_pixels(manifest.input)
         self.decoder = ImageDecoder(manifest.input, max_pixels=max_pixels)
@@ -45,7 +45,18 @@ class ServiceState:
             model_name=manifest.model.name,
             model_version=manifest.model.version,
             provider=model.provider,
+            groups=sorted({c.group for c in manifest.classes}),
         )
+        self.groups = [c.group for c in manifest.classes]
+        try:
+            self.operating = OperatingPoints(
+                manifest,
+                default_threshold=settings.default_threshold,
+                target_compute=settings.target_compute,
+                on_change=self.metrics.observe_serving_point,
+            )
+        except BudgetError as error:
+            raise ModelLoadError(f"RIDE_TARGET_COMPUTE: {error}") from None
         self.batcher = Batcher(
             self._infer,
             max_batch_size=settings.max_batch_size,
@@ -57,9 +68,19 @@ class ServiceState:
             # On CUDA every new batch shape costs kernel selection and memory: batches are padded to the warmed sizes.
             buckets=batch_buckets(settings.max_batch_size) if model.provider == CUDA else (),
         )
+        self.shadow = Shadow(
+            rate=settings.shadow_rate if model.has_routers else 0.0,  # without routers every answer is the full one
+            queue_size=settings.shadow_queue_size,
+            full_run=self._full_run,
+            run_in_worker=self.batcher.run_in_worker,
+            is_idle=lambda: self.batcher.idle,
+            observe=self.metrics.observe_shadow,
+            on_dropped=self.metrics.shadow_dropped.inc,
+        )
         self.admission = Admission(
             self.batcher, max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000.0
         )
+        self.adaptive = self._adaptive_controller(settings)  # after the admission, whose bound it may lower
         self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
         self.drain = Drain()
         self.metrics.track_readiness(lambda: self.is_ready)
@@ -70,6 +91,44 @@ class ServiceState:
 
     def _infer(self, images: np.ndarray, thresholds: np.ndarray, max_experts: np.ndarray) -> CascadeResult:
         return run_cascade(self.model, images, thresholds=thresholds, max_experts=max_experts)
+
+    def _adaptive_controller(self, settings: Settings) -> AdaptiveController | None:
+        if settings.adaptive_latency_target_ms is None:
+            return None
+        if self.operating.curve is None:
+            raise ModelLoadError(
+                "RIDE_ADAPTIVE_LATENCY_TARGET_MS steps along the manifest's operating curve, and this model has none "
+                "(manifest format 2, or no routers): add one with `python -m export curve`"
+            )
+        return AdaptiveController(
+            self.operating,
+            target_s=settings.adaptive_latency_target_ms / 1000.0,
+            min_compute=settings.adaptive_min_compute,
+            on_step=lambda direction: self.metrics.adaptive_steps.labels(direction=direction).inc(),
+            on_wait_p95=self.metrics.adaptive_wait_p95.set,
+            on_floor=self._bound_wait_at_floor,
+        )
+
+    def _bound_wait_at_floor(self, at_floor: bool) -> None:
+        target_ms = self.settings.adaptive_latency_target_ms
+        if target_ms is not None:
+            bound = target_ms / 1000.0 if at_floor else None
+            self.admission.bound_wait(bound)
+            self.batcher.bound_queue_wait(bound)
+
+    def observe_wait(self, seconds: float) -> None:
+        """A classification served at the serving point waited ``seconds`` in the queue (for the adaptive
+        controller, when there is one)."""
+        if self.adaptive is not None:
+            self.adaptive.observe_wait(seconds)
+
+    def _full_run(self, images: np.ndarray) -> CascadeResult:
+        return run_cascade(self.model, images, thresholds=0.0, max_experts=self.model.num_experts)
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold of a request that names neither a threshold nor a compute budget."""
+        return self.operating.threshold
 
     @property
     def is_ready(self) -> bool:
@@ -88,18 +147,25 @@ class ServiceState:
         self.require_warm()
 
     def cascade_settings(self, params: ClassifyParams) -> tuple[float, int]:
-        """The threshold and expert limit a request runs with: its own, else the server's defaults.
+        """The threshold and expert limit a request runs with (see `cascade_choice`)."""
+        threshold, max_experts, _ = self.cascade_choice(params)
+        return threshold, max_experts
+
+    def cascade_choice(self, params: ClassifyParams) -> tuple[float, int, str | None]:
+        """The threshold and expert limit a request runs with (its own, else its compute budget's point, else the
+        server's; `service.operating_points`), and a warning about its budget, if any.
 
         Raises:
-            InvalidParameterError: an expert limit outside 1..E (the schema cannot know E).
+            InvalidParameterError: an expert limit outside 1..E (the schema cannot know E), or a compute budget for
+                a model without a curve.
         """
         max_experts = params.max_experts if params.max_experts is not None else self.model.num_experts
         try:
             check_max_experts(max_experts, self.model.num_experts)
+            threshold, warning = self.operating.request_threshold(params.threshold, params.target_compute)
         except ValueError as error:
             raise InvalidParameterError(str(error)) from None
-        threshold = params.threshold if params.threshold is not None else self.default_threshold
-        return threshold, max_experts
+        return threshold, max_experts, warning
 
     async def warm_up(self) -> None:
         """Warm every graph at the batch sizes it will see, then report ready."""

@@ -138,7 +138,7 @@ async def predict(request: Request, name: str, state: StateDep, params: Annotate
         images = await decode_rows(instances, state.decoder, state.decode_pool)
         queued = queue_rows(state, images, threshold=threshold, max_experts=max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows)
+    observe_rows(state, rows, images, threshold)
     total_s = time.perf_counter() - started
     body = V1PredictResponse(predictions=[classify_response(state, row, params.top_k, total_s) for row in rows])
     return Response(body.model_dump_json(), media_type="application/json")

@@ -461,7 +461,7 @@ async def run_inference(request: Request, state: ServiceState, name: str, versio
             images = list(call.pixels)
         queued = queue_rows(state, images, threshold=call.threshold, max_experts=call.max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows)
+    observe_rows(state, rows, images, call.threshold)
     response = infer_response(state, call, rows)
     response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - started) * 1e3:.3f}"
     return response

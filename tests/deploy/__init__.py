@@ -60,10 +60,12 @@ def read_dashboard(path: Path) -> dict[str, Any]:
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every panel of a dashboard, those nested in collapsed rows included."""
+    """Every panel of a dashboard, those nested in collapsed rows included; rows themselves (headers that show no
+    data) are not panels here."""
     found = []
     for panel in dashboard.get("panels", []):
-        found.append(panel)
+        if panel.get("type") != "row":
+            found.append(panel)
         found.extend(panel.get("panels", []))
     return found
 

@@ -165,7 +165,8 @@ def query(client: httpx.Client, expr: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ride_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    running = start_server(model_dir, tmp_path_factory.mktemp("ride") / "server.log")
+    # The shadow on, so that its series (and the dashboard's agreement row) have data too.
+    running = start_server(model_dir, tmp_path_factory.mktemp("ride") / "server.log", RIDE_SHADOW_RATE="0.5")
     yield running
     running.stop()
 

@@ -105,13 +105,18 @@ def test_dashboard_splits_by_instance_and_aggregates_then_a_stopped_replica_aler
         selector, label = variable_selectors(dashboard)["instance"]
         assert sorted(by_label(query(client, selector)["data"]["result"], label)) == instances
 
-        # The aggregated query is the two instances' parts combined, not one replica's view.
+        # The aggregated query is the two instances' parts combined, not one replica's view. Each instance's part
+        # sums over the class groups of its answers (the `group` label).
         (share,) = [q for q in queries if q.panel == SHARE_OF_EXPERTS]
         combined = by_label(instant(client, share.expr, at), "le")
+
+        def part(metric: str, instance: str, by: str = "") -> list:
+            return instant(client, f'sum {by} (increase({metric}{{instance="{instance}"}}[1m]))', at)
+
         parts = {
             instance: (
-                by_label(instant(client, f'increase(ride_experts_used_bucket{{instance="{instance}"}}[1m])', at), "le"),
-                instant(client, f'increase(ride_experts_used_count{{instance="{instance}"}}[1m])', at),
+                by_label(part("ride_experts_used_bucket", instance, "by (le)"), "le"),
+                part("ride_experts_used_count", instance),
             )
             for instance in instances
         }

@@ -57,7 +57,7 @@ def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> N
     classify = response.json()["paths"]["/classify"]["post"]
     assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
-    assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "max_experts"}
+    assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "target_compute", "max_experts"}
 
 
 def test_a_classification_never_waits_for_the_thread_pool(loaded_model, model_dir: Path, test_images) -> None:

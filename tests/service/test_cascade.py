@@ -33,6 +33,8 @@ def without_routers(source: Path, folder: Path) -> Path:
             "known_answers": manifest.known_answers.model_copy(
                 update={"router_logits": [[] for _ in manifest.known_answers.images]}
             ),
+            # One operating point (every expert): no curve, as an export without routers has none.
+            "operating_curve": None,
         }
     )
     write_manifest(changed, folder)

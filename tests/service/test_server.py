@@ -46,6 +46,12 @@ def value(samples: Samples, metric: str, /, **labels: str) -> float:
     return samples.get((metric, frozenset(labels.items())), 0.0)
 
 
+def total(samples: Samples, metric: str, /, **labels: str) -> float:
+    """The sum of ``metric`` over every series that has ``labels`` (and any others, e.g. ``group``)."""
+    wanted = set(labels.items())
+    return sum(v for (name, have), v in samples.items() if name == metric and wanted <= have)
+
+
 def post_image(client: httpx.Client, data: bytes, content_type: str = "image/jpeg", **params) -> httpx.Response:
     return client.post("/classify", content=data, headers={"content-type": content_type}, params=params)
 
@@ -276,15 +282,23 @@ def test_metrics_add_up(server: ServerProcess, client: httpx.Client, test_images
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
+    def delta_total(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
     successes = len(answers)
     assert delta("ride_requests_total", route="/classify", status="200") == successes
     for status in ("400", "415", "422"):
         assert delta("ride_requests_total", route="/classify", status=status) == 1
     assert delta("ride_request_duration_seconds_count", route="/classify") == successes + 3
     for name in ("ride_experts_used_count", "ride_queue_wait_seconds_count", "ride_relative_compute_count"):
-        assert delta(name) == successes, name
-    assert delta("ride_experts_used_sum") == sum(a["experts_used"] for a in answers)
-    assert sum(delta("ride_exits_total", expert=str(k)) for k in range(1, NUM_EXPERTS + 1)) == successes
+        assert delta_total(name) == successes, name
+    assert delta_total("ride_experts_used_sum") == sum(a["experts_used"] for a in answers)
+    assert sum(delta_total("ride_exits_total", expert=str(k)) for k in range(1, NUM_EXPERTS + 1)) == successes
+    # The group label is the answer's class group (from the manifest).
+    groups = {c.name: c.group for c in load_manifest(model_dir).classes}
+    for group in set(groups.values()):
+        answered = sum(1 for a in answers if groups[a["label"]] == group)
+        assert delta("ride_experts_used_count", group=group) == answered, group
     assert delta("ride_relative_compute_sum") == pytest.approx(sum(a["relative_compute"] for a in answers))
     assert delta("ride_inference_duration_seconds_count") == delta("ride_batch_size_count") >= 1
     model = load_manifest(model_dir).model
