@@ -12,7 +12,7 @@ import pytest
 
 from tests.server_process import ServerProcess, start_server
 from tests.service.conftest import NUM_EXPERTS
-from tests.service.test_server import expected_rows, metrics, post_image, value
+from tests.service.test_server import expected_rows, metrics, post_image, total
 
 
 @pytest.fixture
@@ -39,7 +39,8 @@ def test_several_files_are_answered_in_order_as_alone(
     assert [r["experts_used"] for r in results] == expected.experts_used.tolist()
     assert all(len(r["top_k"]) == 2 for r in results)
     # One observation per row, not per request.
-    assert value(after, "ride_experts_used_count") - value(before, "ride_experts_used_count") == 8
+    # (summed over the class groups of the answers: the `group` label)
+    assert total(after, "ride_experts_used_count") - total(before, "ride_experts_used_count") == 8
 
 
 def test_one_bad_row_fails_the_request_naming_it(client: httpx.Client, test_images) -> None:
