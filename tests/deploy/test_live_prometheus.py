@@ -105,8 +105,9 @@ def start_prometheus(config: dict[str, Any], workdir: Path) -> ServerProcess:
 class Traffic:
     """Real /classify requests from a few threads until stopped, bounded in count and time."""
 
-    def __init__(self, url: str, images: list[bytes]) -> None:
+    def __init__(self, url: str, images: list[bytes], max_requests: int = TRAFFIC_MAX_REQUESTS) -> None:
         self._url = url
+        self._max_requests = max_requests
         self._requests = cycle([(image, params) for params in REQUEST_PARAMS for image in images])
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,7 +128,7 @@ class Traffic:
 
     def _next(self) -> tuple[bytes, dict[str, Any]] | None:
         with self._lock:
-            if self._stop.is_set() or self.sent >= TRAFFIC_MAX_REQUESTS or time.monotonic() > self._deadline:
+            if self._stop.is_set() or self.sent >= self._max_requests or time.monotonic() > self._deadline:
                 return None
             self.sent += 1
             # Every 25th request is an empty body: a 400, so that more than one status shows up.
