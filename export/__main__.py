@@ -4,6 +4,7 @@
                      [--name NAME] [--version V] [--num-images N] [--calibration-images N] [--max-accuracy-drop P]
     python -m export quantize models/NAME --out models/NAME-int8 --config FILE [--set KEY=VALUE ...]
                      [--data-dir DIR] [--calibration-images N] [--max-accuracy-drop P] [--force] [--name] [--version]
+    python -m export curve models/NAME --config FILE [--set KEY=VALUE ...] [--data-dir DIR]
     python -m export verify models/NAME [--checkpoint DIR] [--data-dir DIR] [--num-images N] [--provider cpu|cuda]
 
 Exit status: 0 on success; 1 when the graphs do not match the checkpoint (parity, with a short report) or an
@@ -59,6 +60,13 @@ def _int8_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _training_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """For commands without a checkpoint: the training run's config names the data they rebuild splits from."""
+    parser.add_argument("--config", type=Path, required=True, help="the training run's config (TOML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the config's data.root)")
+
+
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
@@ -92,9 +100,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("folder", type=Path, help="float32 model folder, e.g. models/NAME")
     parser.add_argument("--out", type=Path, required=True, help="int8 model folder to create")
-    parser.add_argument("--config", type=Path, required=True, help="the training run's config (TOML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the config's data.root)")
+    _training_data_arguments(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing model folder at --out")
     parser.add_argument("--name", help="model name (default: the --out folder's name)")
     parser.add_argument("--version", help="model version (default: the float32 model's, plus -int8)")
@@ -110,9 +116,7 @@ def curve_parser() -> argparse.ArgumentParser:
         "against the manifest's classes and training counts; the manifest is rewritten in format 3.",
     )
     parser.add_argument("folder", type=Path, help="model folder, e.g. models/NAME")
-    parser.add_argument("--config", type=Path, required=True, help="the training run's config (TOML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: the config's data.root)")
+    _training_data_arguments(parser)
     return parser
 
 
