@@ -12,7 +12,9 @@ after round, the same ``--rows`` CIFAR-10 test images (JPEG) in each of these fo
 
 The forms take turns within each round (a slow moment of a shared machine hits them all), and each form's
 images/s is its rows over the median time of a round. The ratios against the sequential singles are what to
-read: on a shared machine only ratios measured in one run mean anything. For reference, the same images go
+read (on a shared machine only ratios measured in one run mean anything), except where the client itself was the
+bottleneck: a form whose rounds kept the client's one thread busy 90 % of the time or more is marked client-bound,
+and no ratio is printed for it (nor for any form, when it is the baseline). For reference, the same images go
 through the raw cascade (`cascade.run_cascade`, no HTTP, in a child process on the server CPUs with the server's
 thread count) as one batch and one by one, rounds interleaved likewise: the most that batching itself can give on
 this CPU. The load average before and after is printed.
@@ -43,6 +45,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 sys.path.insert(0, str(REPO / "bench"))
 
 from serve_load import (  # noqa: E402
+    CLIENT_CPU_LIMIT,
     DEFAULT_DATA_DIR,
     cpu_description,
     load_average,
@@ -109,19 +112,57 @@ async def singles_concurrent(client: httpx.AsyncClient, images: list[bytes]) -> 
         _check(response)
 
 
-async def measure(url: str, forms: dict[str, Form], images: list[bytes], rounds: int) -> dict[str, list[float]]:
-    """Seconds per round of each form; one warm-up round of each first."""
+async def measure(
+    url: str, forms: dict[str, Form], images: list[bytes], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per round of each form, and the client's CPU seconds over all its rounds (this process: the client
+    is one asyncio thread); one warm-up round of each first."""
     seconds: dict[str, list[float]] = {name: [] for name in forms}
+    client_cpu_s = dict.fromkeys(forms, 0.0)
     limits = httpx.Limits(max_connections=len(images), max_keepalive_connections=len(images))
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
         for form in forms.values():
             await form(client, images)
         for _ in range(rounds):
             for name, form in forms.items():
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 await form(client, images)
                 seconds[name].append(time.perf_counter() - started)
-    return seconds
+                client_cpu_s[name] += time.process_time() - cpu_started
+    return seconds, client_cpu_s
+
+
+def client_cpu_share(seconds: dict[str, list[float]], client_cpu_s: dict[str, float]) -> dict[str, float]:
+    """Each form's client CPU seconds over its wall seconds. The client is one asyncio thread, so 1.0 means it was
+    never idle: a form at `CLIENT_CPU_LIMIT` or above measured the load generator, not the server."""
+    return {name: client_cpu_s[name] / sum(rounds) for name, rounds in seconds.items()}
+
+
+def forms_table(seconds: dict[str, list[float]], client_cpu_s: dict[str, float], rows: int) -> list[str]:
+    """The table of the HTTP forms: images/s, the client's CPU share, and the ratio to the sequential singles,
+    which is left out for a client-bound form (and for every form when the baseline is client-bound)."""
+    lines = []
+    client_share = client_cpu_share(seconds, client_cpu_s)
+    bound = {name for name, share in client_share.items() if share >= CLIENT_CPU_LIMIT}
+    baseline = rows / statistics.median(seconds["singles, sequential"])
+    lines.append(
+        f"\n{'form':<25}{'requests':>9}{'images/s':>11}{'ms/round p50':>14}{'client CPU':>12}"
+        f"{'vs sequential singles':>23}"
+    )
+    for name, rounds in seconds.items():
+        rate = rows / statistics.median(rounds)
+        requests = 1 if "batch" in name else rows
+        ratio = "client-bound" if bound & {name, "singles, sequential"} else f"{rate / baseline:.2f}x"
+        lines.append(
+            f"{name:<25}{requests:>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}"
+            f"{100 * client_share[name]:>11.0f}%{ratio:>23}"
+        )
+    if bound:
+        lines.append(
+            f"client-bound: {', '.join(sorted(bound))} kept the client's CPU busy {100 * CLIENT_CPU_LIMIT:.0f} % of "
+            "the time or more, so the load generator set the pace; no ratio is given for them (or against them)."
+        )
+    return lines
 
 
 def _raw_worker(model_dir: Path, images: list[bytes], rounds: int, cpus: list[int], out) -> None:
@@ -190,17 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, args.client_cpus)
-            seconds = asyncio.run(measure(url, forms, images, args.rounds))
+            seconds, client_cpu_s = asyncio.run(measure(url, forms, images, args.rounds))
         finally:
             process.terminate()
             process.wait(30)
     print(f"load average at end {load_average()}")
-    baseline = args.rows / statistics.median(seconds["singles, sequential"])
-    print(f"\n{'form':<25}{'requests':>9}{'images/s':>11}{'ms/round p50':>14}{'vs sequential singles':>23}")
-    for name, rounds in seconds.items():
-        rate = args.rows / statistics.median(rounds)
-        requests = 1 if "batch" in name else args.rows
-        print(f"{name:<25}{requests:>9}{rate:>11.1f}{statistics.median(rounds) * 1e3:>14.1f}{rate / baseline:>22.2f}x")
+    print("\n".join(forms_table(seconds, client_cpu_s, args.rows)))
     one_by_one = args.rows / statistics.median(raw["raw cascade, one by one"])
     print(f"\n{'reference (no HTTP)':<25}{'':>9}{'images/s':>11}{'ms/round p50':>14}{'vs one by one':>23}")
     for name, rounds in raw.items():
