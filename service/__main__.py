@@ -1,4 +1,5 @@
-"""``python -m service``: load the model folder, then serve it with uvicorn until SIGTERM/SIGINT.
+"""``python -m service``: load the model folder (or the model repository), then serve it with uvicorn until
+SIGTERM/SIGINT (SIGHUP rescans the repository: `service.reload_signal`).
 
 Exit status: 0 after a graceful shutdown, 1 when the model cannot be served or the server cannot start, 2 for
 invalid settings, 3 when the shutdown timeout cut requests off (they were answered 503). Start-up problems are one
@@ -69,36 +70,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {_settings_error(error)}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    if not settings.model_dir.is_dir():
+    source = settings.model_repository if settings.model_repository is not None else settings.model_dir
+    if not source.is_dir():
+        what = "model repository" if settings.model_repository is not None else "model folder"
         print(
-            f"error: model folder {settings.model_dir} does not exist: export one with `python -m export` "
-            "or point --model-dir (RIDE_MODEL_DIR) at one",
+            f"error: {what} {source} does not exist: export a model with `python -m export` and point "
+            "--model-dir (RIDE_MODEL_DIR) at it, or --model-repository (RIDE_MODEL_REPOSITORY) at a folder of "
+            "<name>/<version>/ model folders",
             file=sys.stderr,
         )
         return 1
     try:
         app = create_app(settings)
     except (ModelLoadError, ManifestError) as error:
-        print(f"error: cannot serve model folder {settings.model_dir}: {error}", file=sys.stderr)
+        what = "model repository" if settings.model_repository is not None else "model folder"
+        print(f"error: cannot serve {what} {source}: {error}", file=sys.stderr)
         return 1
     state = app.state.service
-    manifest = state.model.manifest
-    logger.info(
-        "serving %s %s (%d experts, routers: %s) from %s (digest %s%s) with provider %s, %s",
-        manifest.model.name,
-        manifest.model.version,
-        manifest.cascade.num_experts,
-        manifest.cascade.has_routers,
-        settings.model_dir,
-        folder_digest(settings.model_dir),
-        ", pinned" if settings.model_sha256 else "; pin it with RIDE_MODEL_SHA256",
-        state.model.provider,
-        _threads_note(settings.threads_for(CUDA in requested_providers(settings.provider))),
-    )
-    serving = state.operating.serving
-    expected = f", validation compute {serving.point.relative_compute:.3f}" if serving.point is not None else ""
-    logger.info("serving threshold %.6g (from %s%s)", serving.threshold, serving.source, expected)
-    if state.model.provider == CUDA:
+    for served in state.table.all_versions():
+        manifest = served.model.manifest
+        logger.info(
+            "serving %s version %s (%d experts, routers: %s) from %s (digest %s%s) with provider %s, %s",
+            served.name,
+            served.version,
+            manifest.cascade.num_experts,
+            manifest.cascade.has_routers,
+            served.model.folder,
+            folder_digest(served.model.folder),
+            ", pinned" if settings.model_sha256 else "; pin it with RIDE_MODEL_SHA256",
+            served.model.provider,
+            _threads_note(settings.threads_for(CUDA in requested_providers(settings.provider))),
+        )
+        serving = served.operating.serving
+        expected = f", validation compute {serving.point.relative_compute:.3f}" if serving.point is not None else ""
+        logger.info("serving threshold %.6g (from %s%s)", serving.threshold, serving.source, expected)
+    logger.info("default model (the unnamed routes): %s", state.table.default_name)
+    if any(served.model.provider == CUDA for served in state.table.all_versions()):
         logger.info("CUDA: %s", read_cuda_info(cuda_build_version()).describe())
     server = build_server(app, settings)
     for handled in (signal.SIGTERM, signal.SIGINT):

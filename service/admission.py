@@ -71,7 +71,7 @@ class Admission:
 
 
 def early_refusal(
-    admission: Admission,
+    check: Callable[[], None],
     path: str,
     retry_after_s: int,
     *,
@@ -79,7 +79,7 @@ def early_refusal(
     draining: Callable[[], bool],
 ) -> Refusal:
     """The connection guard's refusal (`service.connections`): ``POST path`` gets a complete 503 response while
-    `Admission.check` refuses, reported to ``on_refused``; None lets the request through (always while
+    ``check`` (an `Admission.check`) refuses, reported to ``on_refused``; None lets the request through (always while
     ``draining``: the application then adds ``Connection: close``)."""
     target = path.encode()
 
@@ -87,7 +87,7 @@ def early_refusal(
         if method != b"POST" or url.split(b"?", 1)[0] != target or draining():
             return None
         try:
-            admission.check()
+            check()
         except OverloadedError as error:
             on_refused(503)
             body = (

@@ -15,72 +15,52 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.routing import Mount, Route
 
-from export.providers import CUDA, CudaOptions
 from service.access import add_cors
 from service.drain import DrainMiddleware
 from service.errors import ClientClosedError
 from service.http_errors import register_error_handlers, statuses
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.model import OnnxModel, load_model, requested_providers
+from service.model import OnnxModel
 from service.openapi import truthful_openapi
 from service.operating_routes import add_operating_routes
 from service.page import add_page
+from service.reload_signal import watch_sighup
+from service.repository_routes import add_repository_routes
 from service.request_context import RequestContextMiddleware
 from service.routes import CLASSIFY_ERRORS, CLASSIFY_ROUTE, add_routes
 from service.settings import Settings
 from service.state import ServiceState
 from service.v1_protocol import PREDICT_ERRORS, PREDICT_ROUTE, add_v1_routes
-from service.v2_protocol import INFER_ERRORS, INFER_PATHS, add_v2_routes
-
-
-def cuda_options(settings: Settings) -> CudaOptions:
-    return CudaOptions(
-        tf32=settings.cuda_tf32,
-        conv_algo_search=settings.cuda_conv_algo_search,
-        arena_extend_strategy=settings.cuda_arena_extend_strategy,
-    )
+from service.v2_protocol import INFER_ERRORS, INFER_PATHS, add_v2_routes, server_version
 
 
 def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI:
-    """Build the app; loads ``settings.model_dir`` unless a loaded ``model`` is given.
+    """Build the app around the models ``settings`` name (`service.state.repository_of`), or around ``model``, a
+    loaded model folder, as a repository of one.
 
     Raises:
-        ModelLoadError: the model folder cannot be served (raised here, before any socket is opened).
+        ModelLoadError: no model can be served (raised here, before any socket is opened).
     """
-    if model is None:
-        model = load_model(
-            settings.model_dir,
-            provider=settings.provider,
-            intra_op_threads=settings.threads_for(CUDA in requested_providers(settings.provider)),
-            inter_op_threads=settings.inter_op_threads,
-            cuda=cuda_options(settings),
-            expected_digest=settings.model_sha256,
-            io_binding=settings.io_binding,
-        )
-    state = ServiceState(settings, model)
+    state = ServiceState(settings, model=model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.batcher.start()
-        await state.shadow.start()
-        if state.adaptive is not None:
-            await state.adaptive.start()
+        await state.start()
         warming = asyncio.create_task(state.warm_up())
+        rescan = watch_sighup(state.loader)
         try:
             yield
         finally:
             state.ready = False
+            rescan()
             warming.cancel()
-            await state.shadow.stop()
-            if state.adaptive is not None:
-                await state.adaptive.stop()
-            await state.batcher.stop(settings.shutdown_timeout_s)
+            await state.stop()
             state.decode_pool.close()
 
     app = FastAPIOffline(  # /docs and /redoc with locally served assets (no CDN)
         title="RIDE Serve",
         summary="Long-tailed image classification with an early-exit expert cascade.",
-        version=model.manifest.model.version,
+        version=server_version(),
         lifespan=lifespan,
     )
     app.state.service = state
@@ -89,6 +69,8 @@ def create_app(settings: Settings, *, model: OnnxModel | None = None) -> FastAPI
     add_v2_routes(app)
     add_page(app)
     add_operating_routes(app, admin=settings.admin_routes)
+    if settings.admin_routes:
+        add_repository_routes(app)
     register_error_handlers(app, retry_after_s=settings.retry_after_s)
     truthful_openapi(app)
     routes = [route.path for route in app.routes if isinstance(route, Route)]  # APIRoute is a Route

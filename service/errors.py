@@ -66,6 +66,13 @@ class ModelNotFoundError(ServiceError):
     code = "model_not_found"
 
 
+class LoadFailedError(ServiceError):
+    """A model repository load did not load every version of the model (the reasons are in the message; what was
+    serving before keeps serving)."""
+
+    code = "load_failed"
+
+
 class OperatingCurveNotFoundError(ServiceError):
     """The model's manifest carries no accuracy/compute curve (format 2, or no routers)."""
 

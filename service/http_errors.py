@@ -26,6 +26,7 @@ from service.errors import (
     InvalidImageError,
     InvalidInputError,
     InvalidParameterError,
+    LoadFailedError,
     ModelNotFoundError,
     NotReadyError,
     OperatingCurveNotFoundError,
@@ -46,6 +47,7 @@ V2_PREFIX = "/v2"
 ERROR_STATUS: dict[type[ServiceError], int] = {
     InvalidImageError: 400,
     InvalidInputError: 400,
+    LoadFailedError: 400,
     UnauthorizedError: 401,
     ModelNotFoundError: 404,
     OperatingCurveNotFoundError: 404,

@@ -6,6 +6,7 @@ for everything worth a percentile. Labelled series are created up front so that 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -69,9 +70,6 @@ class Metrics:
         *,
         num_experts: int,
         max_batch_size: int,
-        model_name: str,
-        model_version: str,
-        provider: str,
         groups: Sequence[str] = ("many", "medium", "few"),
     ) -> None:
         self.registry = CollectorRegistry()
@@ -198,17 +196,24 @@ class Metrics:
             self.adaptive_steps.labels(direction=direction)
         self.model_info = Gauge(
             "ride_model_info",
-            "The model served and the onnxruntime provider really in use (value 1).",
+            "Every model version loaded and the onnxruntime provider really in use (value 1; the series goes when "
+            "the version is unloaded).",
             ["name", "version", "provider"],
             registry=registry,
         )
-        self.model_info.labels(name=model_name, version=model_version, provider=provider).set(1)
         for group in groups:
             self.experts_used.labels(group=group)
             for expert in range(1, num_experts + 1):
                 self.exits_total.labels(expert=str(expert), group=group)
             for outcome in ("agree", "disagree"):
                 self.shadow_total.labels(outcome=outcome, group=group)
+
+    def model_loaded(self, name: str, version: str, provider: str) -> None:
+        self.model_info.labels(name=name, version=version, provider=provider).set(1)
+
+    def model_unloaded(self, name: str, version: str, provider: str) -> None:
+        with contextlib.suppress(KeyError):  # never loaded under these labels
+            self.model_info.remove(name, version, provider)
 
     def preinitialise_routes(self, routes: Iterable[str], error_statuses: Mapping[str, Iterable[int]]) -> None:
         """Create the request series of every route, and of the error statuses a route declares (see

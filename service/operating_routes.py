@@ -1,5 +1,6 @@
-"""The operating-point routes: the model's validation curve (``GET /v2/models/{name}/operating-points``) and, for
-admins, the serving point (``PUT /v2/models/{name}/operating-point``; `service.admin_auth`)."""
+"""The operating-point routes, of the model's latest version: its validation curve
+(``GET /v2/models/{name}/operating-points``) and, for admins, the serving point
+(``PUT /v2/models/{name}/operating-point``; `service.admin_auth`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from export.manifest import OperatingPoint
 from service import errors
 from service.admin_auth import check_admin
 from service.http_errors import error_responses
+from service.model_version import ModelVersion
 from service.operating_points import BudgetError, PinnedError, ServingPoint
-from service.state import ServiceState, StateDep
+from service.state import StateDep
 
 OPERATING_POINTS_ROUTE = "/v2/models/{name}/operating-points"
 OPERATING_POINT_ROUTE = "/v2/models/{name}/operating-point"
@@ -55,57 +57,50 @@ class OperatingPointRequest(BaseModel):
         return self
 
 
-def _require_model(state: ServiceState, name: str) -> None:
-    served = state.model.manifest.model.name
-    if name != served:
-        raise errors.ModelNotFoundError(f"unknown model {name!r}: this server serves {served!r}")
-
-
-def _serving_body(state: ServiceState, serving: ServingPoint, warning: str | None = None) -> ServingPointBody:
+def _serving_body(served: ModelVersion, serving: ServingPoint, warning: str | None = None) -> ServingPointBody:
     return ServingPointBody(
         threshold=serving.threshold,
         source=serving.source,
-        pinned=state.operating.pinned,
+        pinned=served.operating.pinned,
         point=serving.point,
         warning=warning,
     )
 
 
 async def operating_points(name: str, state: StateDep) -> Any:
-    _require_model(state, name)
-    curve = state.operating.curve
+    served = state.table.resolve(name)
+    curve = served.operating.curve
     if curve is None:
         raise errors.OperatingCurveNotFoundError(
             f"model {name!r} has no operating curve (manifest format 2, or no routers): re-export it, or add one "
             "with `python -m export curve`"
         )
-    manifest = state.model.manifest
     return OperatingPointsResponse(
-        name=manifest.model.name,
-        version=manifest.model.version,
+        name=served.name,
+        version=served.version,
         split=curve.split,
         num_images=curve.num_images,
-        serving=_serving_body(state, state.operating.serving),
+        serving=_serving_body(served, served.operating.serving),
         points=curve.points,
     )
 
 
 async def set_operating_point(name: str, body: OperatingPointRequest, request: Request, state: StateDep) -> Any:
     check_admin(request, state.settings)
-    _require_model(state, name)
+    served = state.table.resolve(name)
     warning = None
     try:
         if body.threshold is not None:
-            serving = state.operating.set_threshold(body.threshold)
+            serving = served.operating.set_threshold(body.threshold)
         else:
             assert body.target_compute is not None
-            warning = state.operating.set_budget(body.target_compute).warning
-            serving = state.operating.serving
+            warning = served.operating.set_budget(body.target_compute).warning
+            serving = served.operating.serving
     except PinnedError as error:
         raise errors.ConflictError(str(error)) from None
     except BudgetError as error:
         raise errors.InvalidParameterError(str(error)) from None
-    return _serving_body(state, serving, warning)
+    return _serving_body(served, serving, warning)
 
 
 def add_operating_routes(app: FastAPI, *, admin: bool) -> None:

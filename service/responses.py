@@ -6,6 +6,7 @@ import numpy as np
 
 from export.manifest import Manifest
 from service.batcher import RowResult
+from service.model_version import ModelVersion
 from service.schemas import (
     ClassifyResponse,
     ClassScore,
@@ -15,40 +16,38 @@ from service.schemas import (
     ModelSummary,
     TimingMs,
 )
-from service.state import ServiceState
 
 
-def classify_response(state: ServiceState, row: RowResult, top_k: int, total_s: float) -> ClassifyResponse:
+def classify_response(served: ModelVersion, row: RowResult, top_k: int, total_s: float) -> ClassifyResponse:
     """One image's answer: the ``top_k`` classes, the experts it used and where its time went."""
     probabilities = row.probabilities
     k = min(top_k, probabilities.shape[0])
     top = np.argsort(-probabilities, kind="stable")[:k]
-    scores = [ClassScore(label=state.labels[i], class_id=int(i), probability=float(probabilities[i])) for i in top]
-    manifest = state.model.manifest
+    scores = [ClassScore(label=served.labels[i], class_id=int(i), probability=float(probabilities[i])) for i in top]
     return ClassifyResponse(
-        model=ModelRef(name=manifest.model.name, version=manifest.model.version),
+        model=ModelRef(name=served.name, version=served.version),
         label=scores[0].label,
         class_id=scores[0].class_id,
         probability=scores[0].probability,
         top_k=scores,
         experts_used=row.experts_used,
-        num_experts=state.model.num_experts,
+        num_experts=served.model.num_experts,
         relative_compute=row.relative_compute,
         timing_ms=TimingMs(queue=row.queue_seconds * 1e3, inference=row.inference_seconds * 1e3, total=total_s * 1e3),
     )
 
 
-def model_summary(state: ServiceState) -> ModelSummary:
-    """The manifest's description of the served model, with the provider in use and the server's threshold."""
-    manifest, cost = state.model.manifest, state.model.cost
+def model_summary(served: ModelVersion) -> ModelSummary:
+    """The manifest's description of a loaded model version, with the provider in use and its serving threshold."""
+    manifest, cost = served.model.manifest, served.model.cost
     return ModelSummary(
-        name=manifest.model.name,
-        version=manifest.model.version,
-        provider=state.model.provider,
+        name=served.name,
+        version=served.version,
+        provider=served.model.provider,
         precision=manifest.precision,
         num_experts=manifest.cascade.num_experts,
         has_routers=manifest.cascade.has_routers,
-        default_threshold=state.default_threshold,
+        default_threshold=served.default_threshold,
         top_z=manifest.cascade.top_z,
         input=manifest.input.model_dump(),
         classes=[ClassSummary(**c.model_dump()) for c in manifest.classes],

@@ -12,14 +12,15 @@ from service import errors
 from service.access import require_token
 from service.http_errors import error_responses
 from service.metrics import EXPOSITION_CONTENT_TYPE
+from service.model_version import ModelVersion
 from service.responses import classify_response, model_summary
 from service.rows import check_row_count, decode_rows, observe_rows, queue_rows
 from service.schemas import (
     CLASSIFY_BATCH_EXAMPLE,
     CLASSIFY_EXAMPLE,
     ClassifyBatchResponse,
-    ClassifyParams,
     ClassifyResponse,
+    ClassifyRouteParams,
     ModelsResponse,
     StatusResponse,
 )
@@ -42,6 +43,7 @@ CLASSIFY_ERRORS = (
     errors.ImageTooLargeError,
     errors.UnsupportedMediaTypeError,
     errors.InvalidParameterError,
+    errors.ModelNotFoundError,
     errors.OverloadedError,
     errors.NotReadyError,
 )
@@ -55,20 +57,25 @@ def _require_single_values(request: Request) -> None:
         raise errors.InvalidParameterError(f"query parameters given more than once: {', '.join(repeated[:5])}")
 
 
-async def classify(request: Request, state: StateDep, params: Annotated[ClassifyParams, Query()]) -> Response:
+async def classify(request: Request, state: StateDep, params: Annotated[ClassifyRouteParams, Query()]) -> Response:
     started = time.perf_counter()
     _require_single_values(request)
-    state.require_warm()
-    threshold, max_experts, budget_warning = state.cascade_choice(params)
-    with state.admission.admit():  # before the body is read: refusing late spends the work it should save
-        uploads = await read_images(request, state.settings.max_body_bytes, state.max_request_rows)
-        check_row_count(len(uploads), state.max_request_rows)
-        images = await decode_rows(uploads, state.decoder, state.decode_pool)
-        queued = queue_rows(state, images, threshold=threshold, max_experts=max_experts)
+    with state.table.use(params.model, params.version) as served:
+        state.require_warm()
+        return await _classify(request, served, params, started)
+
+
+async def _classify(request: Request, served: ModelVersion, params: ClassifyRouteParams, started: float) -> Response:
+    threshold, max_experts, budget_warning = served.cascade_choice(params)
+    with served.admission.admit():  # before the body is read: refusing late spends the work it should save
+        uploads = await read_images(request, served.settings.max_body_bytes, served.max_request_rows)
+        check_row_count(len(uploads), served.max_request_rows)
+        images = await decode_rows(uploads, served.decoder, served.decode_pool)
+        queued = queue_rows(served, images, threshold=threshold, max_experts=max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows, images, threshold)
+    observe_rows(served, rows, images, threshold)
     total_s = time.perf_counter() - started
-    results = [classify_response(state, row, params.top_k, total_s) for row in rows]
+    results = [classify_response(served, row, params.top_k, total_s) for row in rows]
     if len(results) == 1:
         body: ClassifyResponse | ClassifyBatchResponse = results[0]
         timing = results[0].timing_ms
@@ -100,7 +107,7 @@ async def readyz(state: StateDep) -> Any:
 
 
 async def list_models(state: StateDep) -> Any:
-    return ModelsResponse(models=[model_summary(state)])
+    return ModelsResponse(models=[model_summary(served) for served in state.table.all_versions()])
 
 
 async def metrics(state: StateDep) -> Response:
@@ -145,7 +152,10 @@ def add_routes(app: FastAPI) -> None:
         "/readyz", readyz, response_model=StatusResponse, responses=ready, summary="Readiness: loaded and warm."
     )
     app.add_api_route(
-        MODELS_ROUTE, list_models, response_model=ModelsResponse, summary="The model served and the provider in use."
+        MODELS_ROUTE,
+        list_models,
+        response_model=ModelsResponse,
+        summary="Every model version loaded (the default model's latest first), with the provider in use.",
     )
     app.add_api_route(
         "/metrics",

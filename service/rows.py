@@ -19,7 +19,7 @@ from service.decode_pool import DecodePool
 from service.disconnect import unless_client_leaves
 from service.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, ServiceError, TooManyRowsError
 from service.images import ImageDecoder
-from service.state import ServiceState
+from service.model_version import ModelVersion
 
 # Images up to this size decode on the event loop (~0.1 ms); larger ones go to a thread so the loop stays free.
 INLINE_DECODE_PIXELS = 128 * 128
@@ -87,26 +87,26 @@ class QueuedRows:
                     future.cancel()
 
 
-def queue_rows(state: ServiceState, images: Sequence[np.ndarray], *, threshold: float, max_experts: int) -> QueuedRows:
+def queue_rows(served: ModelVersion, images: Sequence[np.ndarray], *, threshold: float, max_experts: int) -> QueuedRows:
     """Queue ``images`` (decoded rows) in the batcher, all with the same cascade settings."""
-    return QueuedRows(state.batcher.enqueue_rows(images, threshold=threshold, max_experts=max_experts))
+    return QueuedRows(served.batcher.enqueue_rows(images, threshold=threshold, max_experts=max_experts))
 
 
 def observe_rows(
-    state: ServiceState, rows: Sequence[RowResult], images: Sequence[np.ndarray], threshold: float
+    served: ModelVersion, rows: Sequence[RowResult], images: Sequence[np.ndarray], threshold: float
 ) -> None:
     """One observation per row answered at ``threshold``: the classification metrics (by the class group of the
     answer), the adaptive controller's queue wait when the row ran at the serving point, and the shadow's sample."""
-    at_serving_point = threshold == state.default_threshold
+    at_serving_point = threshold == served.default_threshold
     for row, image in zip(rows, images, strict=True):
         class_id = int(np.argmax(row.probabilities))  # the answer: the first most probable class
-        group = state.groups[class_id]
-        state.metrics.observe_classification(
+        group = served.groups[class_id]
+        served.metrics.observe_classification(
             queue_seconds=row.queue_seconds,
             experts_used=row.experts_used,
             relative_compute=row.relative_compute,
             group=group,
         )
         if at_serving_point:
-            state.observe_wait(row.queue_seconds)
-        state.shadow.offer(image, class_id, group)
+            served.observe_wait(row.queue_seconds)
+        served.shadow.offer(image, class_id, group)

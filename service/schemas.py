@@ -62,6 +62,15 @@ class ClassifyParams(BaseModel):
         return self
 
 
+class ClassifyRouteParams(ClassifyParams):
+    """Query parameters of POST /classify: the cascade's, and which model runs."""
+
+    model: str | None = Field(
+        None, description="The model to run (default: the default model, RIDE_DEFAULT_MODEL or the only one)."
+    )
+    version: str | None = Field(None, description="Its version (default: the latest loaded).")
+
+
 CLASSIFY_EXAMPLE = {
     "model": {"name": "cifar10-lt-ride4", "version": "1"},
     "label": "ship",

@@ -100,7 +100,7 @@ def connection_guard(settings: Settings, state: ServiceState) -> ConnectionGuard
         body_timeout_s=settings.body_timeout_s,
     )
     refusal = early_refusal(
-        state.admission,
+        state.check_admission,
         CLASSIFY_ROUTE,
         settings.retry_after_s,
         on_refused=lambda status: state.metrics.observe_request(CLASSIFY_ROUTE, status, 0.0),

@@ -40,7 +40,21 @@ class Settings(BaseSettings):
         cli_implicit_flags=True,
     )
 
-    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder written by `python -m export`.")
+    model_dir: Path = Field(
+        DEFAULT_MODEL_DIR,
+        description="Model folder written by `python -m export`, served as a repository of one (its name and version "
+        "from its manifest). Not with model_repository.",
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="A folder of models laid out as <name>/<version>/ (Triton's layout), each version folder a model "
+        "folder written by `python -m export`; every valid version is loaded. Not with model_dir.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="The model the unnamed routes (/classify, /models, the page) serve; default: the only one loaded "
+        "(required when the repository holds several).",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     provider: Literal["auto", "cpu", "cuda"] = Field(
@@ -162,7 +176,8 @@ class Settings(BaseSettings):
     )
     admin_routes: bool = Field(
         False,
-        description="Enable the admin routes (PUT /v2/models/{name}/operating-point); off: they answer 404.",
+        description="Enable the admin routes (PUT /v2/models/{name}/operating-point, the model repository's "
+        "/v2/repository/...); off: they answer 404.",
     )
     admin_token: SecretStr | None = Field(
         None,
@@ -231,10 +246,10 @@ class Settings(BaseSettings):
             raise ValueError("an empty admin token would let anyone in: unset RIDE_ADMIN_TOKEN or give a token")
         return value
 
-    @field_validator("model_dir")
+    @field_validator("model_dir", "model_repository")
     @classmethod
-    def _expand_user(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -256,6 +271,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_wait_ms ({self.max_wait_ms:g}) must be below max_queue_wait_ms ({self.max_queue_wait_ms:g}): "
                 "a request waits for its batch in the queue"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Settings:
+        if self.model_repository is None:
+            return self
+        if "model_dir" in self.model_fields_set:
+            raise ValueError(
+                "model_dir and model_repository are both set: serve one folder (RIDE_MODEL_DIR / --model-dir) or a "
+                "repository of models (RIDE_MODEL_REPOSITORY / --model-repository), not both"
+            )
+        if self.model_sha256 is not None:
+            raise ValueError(
+                "model_sha256 pins one model folder (RIDE_MODEL_DIR): it cannot pin a repository of several"
             )
         return self
 

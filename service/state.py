@@ -1,134 +1,140 @@
-"""What the endpoints share, and the dependency that hands it to them: settings, model, decoder, batcher, metrics
-and readiness."""
+"""What the endpoints share, and the dependency that hands it to them: settings, the loaded models (one
+`service.model_version.ModelVersion` per version, in a `service.model_table.ModelTable`), the loader, the decode
+pool, metrics and readiness."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from typing import Annotated
 
-import numpy as np
 from fastapi import Depends, Request
 
-from cascade import CascadeResult, check_max_experts, run_cascade
-from service.adaptive import AdaptiveController
-from service.admission import Admission
-from service.batcher import Batcher, batch_buckets
 from service.decode_pool import DecodePool
 from service.drain import Drain
-from service.errors import InvalidParameterError, ModelLoadError, NotReadyError
-from service.images import ImageDecoder, default_max_pixels
+from service.errors import ModelNotFoundError, NotReadyError
+from service.loader import LoadedFolder, Loader, choose_default, load_initial
 from service.metrics import Metrics
-from service.model import CUDA, OnnxModel, warm_up
-from service.operating_points import BudgetError, OperatingPoints
-from service.schemas import ClassifyParams
+from service.model import OnnxModel
+from service.model_table import ModelTable
+from service.model_version import ModelVersion
+from service.operating_points import ServingPoint
+from service.repository import Repository
 from service.settings import Settings
-from service.shadow import Shadow
 
 logger = logging.getLogger(__name__)
 
 
-class ServiceState:
-    """One app's model and the machinery around it; ``app.state.service`` holds it."""
+def repository_of(settings: Settings, model: OnnxModel | None = None) -> Repository:
+    """The repository ``settings`` name (``model``'s folder when a loaded model is given)."""
+    if model is not None:
+        return Repository(folder=model.folder)
+    if settings.model_repository is not None:
+        return Repository(root=settings.model_repository)
+    return Repository(folder=settings.model_dir)
 
-    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+
+class ServiceState:
+    """One app's models and what they share; ``app.state.service`` holds it.
+
+    Raises:
+        ModelLoadError: no model can be served, or the default model cannot be chosen (before any socket opens).
+    """
+
+    def __init__(self, settings: Settings, *, model: OnnxModel | None = None) -> None:
         self.settings = settings
-        self.model = model
-        manifest = model.manifest
-        self.labels = [c.name for c in manifest.classes]
-        max_pixels = settings.max_pixels if settings.max_pixels is not None else default_max_pixels(manifest.input)
-        self.decoder = ImageDecoder(manifest.input, max_pixels=max_pixels)
+        repository = repository_of(settings, model)
+        loaded, failures = load_initial(settings, repository, model)
+        self.table = ModelTable()
+        self.table.default_name = choose_default(settings, sorted({f.where.name for f in loaded}))
         self.decode_pool = DecodePool(threads=settings.decode_threads, queue_size=settings.decode_queue_size)
         self.metrics = Metrics(
-            num_experts=model.num_experts,
+            num_experts=max(f.model.num_experts for f in loaded),
             max_batch_size=settings.max_batch_size,
-            model_name=manifest.model.name,
-            model_version=manifest.model.version,
-            provider=model.provider,
-            groups=sorted({c.group for c in manifest.classes}),
+            groups=sorted({c.group for f in loaded for c in f.model.manifest.classes}),
         )
-        self.groups = [c.group for c in manifest.classes]
-        try:
-            self.operating = OperatingPoints(
-                manifest,
-                default_threshold=settings.default_threshold,
-                target_compute=settings.target_compute,
-                on_change=self.metrics.observe_serving_point,
-            )
-        except BudgetError as error:
-            raise ModelLoadError(f"RIDE_TARGET_COMPUTE: {error}") from None
-        self.batcher = Batcher(
-            self._infer,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            max_queue_size=settings.max_queue_size,
-            max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
-            wait_when_idle=settings.wait_when_idle,
-            on_batch=self.metrics.observe_batch,
-            # On CUDA every new batch shape costs kernel selection and memory: batches are padded to the warmed sizes.
-            buckets=batch_buckets(settings.max_batch_size) if model.provider == CUDA else (),
+        by_name: dict[str, dict[str, ModelVersion]] = {}
+        for folder in loaded:
+            by_name.setdefault(folder.where.name, {})[folder.where.version] = self.build_version(folder)
+        for name, versions in by_name.items():
+            self.table.replace(name, versions)
+            for served in versions.values():
+                self.metrics.model_loaded(served.name, served.version, served.model.provider)
+        self.loader = Loader(
+            settings,
+            repository,
+            self.table,
+            self.metrics,
+            build=lambda where, digest, loaded_model: self.build_version(LoadedFolder(where, digest, loaded_model)),
+            on_swap=self._report_serving_point,
+            failures=failures,
         )
-        self.shadow = Shadow(
-            rate=settings.shadow_rate if model.has_routers else 0.0,  # without routers every answer is the full one
-            queue_size=settings.shadow_queue_size,
-            full_run=self._full_run,
-            run_in_worker=self.batcher.run_in_worker,
-            is_idle=lambda: self.batcher.idle,
-            observe=self.metrics.observe_shadow,
-            on_dropped=self.metrics.shadow_dropped.inc,
+        self._report_serving_point()
+        self.metrics.track_queue_depth(
+            lambda: sum(v.batcher.pending for v in self.table.all_versions()), settings.max_queue_size
         )
-        self.admission = Admission(
-            self.batcher, max_queue_size=settings.max_queue_size, max_queue_wait_s=settings.max_queue_wait_ms / 1000.0
-        )
-        self.adaptive = self._adaptive_controller(settings)  # after the admission, whose bound it may lower
-        self.metrics.track_queue_depth(lambda: self.batcher.pending, settings.max_queue_size)
         self.drain = Drain()
         self.metrics.track_readiness(lambda: self.is_ready)
-        # A request's rows are queued together: more than the queue holds could never run.
-        self.max_request_rows = min(settings.max_request_rows, settings.max_queue_size)
-        self.ready = False  # loaded and warm
+        self.ready = False  # the models loaded at start-up are warm
         self.failure: str | None = None
 
-    def _infer(self, images: np.ndarray, thresholds: np.ndarray, max_experts: np.ndarray) -> CascadeResult:
-        return run_cascade(self.model, images, thresholds=thresholds, max_experts=max_experts)
-
-    def _adaptive_controller(self, settings: Settings) -> AdaptiveController | None:
-        if settings.adaptive_latency_target_ms is None:
-            return None
-        if self.operating.curve is None:
-            raise ModelLoadError(
-                "RIDE_ADAPTIVE_LATENCY_TARGET_MS steps along the manifest's operating curve, and this model has none "
-                "(manifest format 2, or no routers): add one with `python -m export curve`"
-            )
-        return AdaptiveController(
-            self.operating,
-            target_s=settings.adaptive_latency_target_ms / 1000.0,
-            min_compute=settings.adaptive_min_compute,
-            on_step=lambda direction: self.metrics.adaptive_steps.labels(direction=direction).inc(),
-            on_wait_p95=self.metrics.adaptive_wait_p95.set,
-            on_floor=self._bound_wait_at_floor,
+    def build_version(self, folder: LoadedFolder) -> ModelVersion:
+        return ModelVersion(
+            self.settings,
+            folder.model,
+            name=folder.where.name,
+            version=folder.where.version,
+            fingerprint=folder.fingerprint,
+            metrics=self.metrics,
+            decode_pool=self.decode_pool,
+            on_serving_point=self._serving_point_changed,
         )
 
-    def _bound_wait_at_floor(self, at_floor: bool) -> None:
-        target_ms = self.settings.adaptive_latency_target_ms
-        if target_ms is not None:
-            bound = target_ms / 1000.0 if at_floor else None
-            self.admission.bound_wait(bound)
-            self.batcher.bound_queue_wait(bound)
+    def _serving_point_changed(self, served: ModelVersion, serving: ServingPoint) -> None:
+        # The operating-point gauges describe what the unnamed routes serve: the default model's latest version.
+        if self.table.is_default_latest(served):
+            self.metrics.observe_serving_point(serving)
 
-    def observe_wait(self, seconds: float) -> None:
-        """A classification served at the serving point waited ``seconds`` in the queue (for the adaptive
-        controller, when there is one)."""
-        if self.adaptive is not None:
-            self.adaptive.observe_wait(seconds)
+    def _report_serving_point(self) -> None:
+        with contextlib.suppress(ModelNotFoundError):  # the default model was unloaded
+            self.metrics.observe_serving_point(self.table.resolve(None).operating.serving)
 
-    def _full_run(self, images: np.ndarray) -> CascadeResult:
-        return run_cascade(self.model, images, thresholds=0.0, max_experts=self.model.num_experts)
+    def default_model(self) -> ModelVersion:
+        """What the unnamed routes serve now (the default model's latest version).
 
-    @property
-    def default_threshold(self) -> float:
-        """The threshold of a request that names neither a threshold nor a compute budget."""
-        return self.operating.threshold
+        Raises:
+            ModelNotFoundError: the default model is not loaded (it was unloaded).
+        """
+        return self.table.resolve(None)
+
+    def check_admission(self) -> None:
+        """The connection-level refusal's check (`service.admission.early_refusal`), on the default model's queue."""
+        try:
+            served = self.table.resolve(None)
+        except ModelNotFoundError:
+            return  # the route answers 404
+        served.admission.check()
+
+    async def start(self) -> None:
+        for served in self.table.all_versions():
+            await served.start()
+
+    async def stop(self) -> None:
+        for served in self.table.all_versions():
+            await served.stop(self.settings.shutdown_timeout_s)
+
+    async def warm_up(self) -> None:
+        """Warm every model loaded at start-up, then report ready."""
+        for served in self.table.all_versions():
+            try:
+                seconds = await served.warm_up()
+            except Exception as error:
+                self.failure = f"warm-up of {served.name} version {served.version} failed: {error}"
+                logger.error("%s", self.failure)
+                return
+            logger.info("%s version %s warm after %.2f s", served.name, served.version, seconds)
+        self.ready = True
+        logger.info("ready")
 
     @property
     def is_ready(self) -> bool:
@@ -136,7 +142,7 @@ class ServiceState:
         return self.ready and not self.drain.draining
 
     def require_warm(self) -> None:
-        """What a classification needs: the model loaded and warm (it is still served while draining)."""
+        """What a classification needs: the models loaded and warm (they are still served while draining)."""
         if not self.ready:
             raise NotReadyError(self.failure or "the model is still warming up")
 
@@ -145,42 +151,6 @@ class ServiceState:
         if self.drain.draining:
             raise NotReadyError("the server is shutting down")
         self.require_warm()
-
-    def cascade_settings(self, params: ClassifyParams) -> tuple[float, int]:
-        """The threshold and expert limit a request runs with (see `cascade_choice`)."""
-        threshold, max_experts, _ = self.cascade_choice(params)
-        return threshold, max_experts
-
-    def cascade_choice(self, params: ClassifyParams) -> tuple[float, int, str | None]:
-        """The threshold and expert limit a request runs with (its own, else its compute budget's point, else the
-        server's; `service.operating_points`), and a warning about its budget, if any.
-
-        Raises:
-            InvalidParameterError: an expert limit outside 1..E (the schema cannot know E), or a compute budget for
-                a model without a curve.
-        """
-        max_experts = params.max_experts if params.max_experts is not None else self.model.num_experts
-        try:
-            check_max_experts(max_experts, self.model.num_experts)
-            threshold, warning = self.operating.request_threshold(params.threshold, params.target_compute)
-        except ValueError as error:
-            raise InvalidParameterError(str(error)) from None
-        return threshold, max_experts, warning
-
-    async def warm_up(self) -> None:
-        """Warm every graph at the batch sizes it will see, then report ready."""
-        largest = self.settings.max_batch_size
-        # CUDA picks kernels per input shape, so every size the batcher pads to is warmed; on CPU the extremes suffice.
-        sizes = batch_buckets(largest) if self.model.provider == CUDA else sorted({1, largest})
-        started = time.perf_counter()
-        try:
-            await self.batcher.run_in_worker(warm_up, self.model, sizes)
-        except Exception as error:
-            self.failure = f"warm-up failed: {error}"
-            logger.error("%s", self.failure)
-            return
-        self.ready = True
-        logger.info("model warm after %.2f s (batch sizes %s): ready", time.perf_counter() - started, sizes)
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -1,10 +1,10 @@
 """KServe v1 (the TensorFlow Serving-style data plane): its schemas, handlers and routes.
 
-``GET /v1/models`` lists the model names, ``GET /v1/models/{name}`` says whether one is ready, and
+``GET /v1/models`` lists the loaded models' names, ``GET /v1/models/{name}`` says whether one is ready, and
 ``POST /v1/models/{name}:predict`` takes ``{"instances": [{"image_bytes": {"b64": "<base64>"}}, ...]}`` (the
 ``_bytes`` + ``b64`` convention for binary data in JSON) and answers ``{"predictions": [...]}``, one per instance,
-in order, each as /classify's answer. ``top_k``, ``threshold`` and ``max_experts`` are query parameters, as for
-/classify. Errors have the service's own body (KServe v1 defines none).
+in order, each as /classify's answer, from the model's latest version. ``top_k``, ``threshold`` and
+``max_experts`` are query parameters, as for /classify. Errors have the service's own body (KServe v1 defines none).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service import errors
 from service.access import require_token
 from service.http_errors import error_responses
+from service.model_version import ModelVersion
 from service.responses import classify_response
 from service.rows import check_row_count, decode_rows, observe_rows, queue_rows
 from service.schemas import CLASSIFY_EXAMPLE, ClassifyParams, ClassifyResponse, inline_json_schema
-from service.state import ServiceState, StateDep
+from service.state import StateDep
 
 PREDICT_ROUTE = "/v1/models/{name}:predict"
 PREDICT_ERRORS = (
@@ -80,12 +81,6 @@ class V1PredictResponse(BaseModel):
     predictions: list[ClassifyResponse]
 
 
-def _require_model(state: ServiceState, name: str) -> None:
-    served = state.model.manifest.model.name
-    if name != served:
-        raise errors.ModelNotFoundError(f"unknown model {name!r}: this server serves {served!r}")
-
-
 def parse_instances(body: bytes) -> list[bytes]:
     """The encoded images of a predict request, in order.
 
@@ -118,29 +113,33 @@ def parse_instances(body: bytes) -> list[bytes]:
 
 
 async def list_models(state: StateDep) -> V1Models:
-    return V1Models(models=[state.model.manifest.model.name])
+    return V1Models(models=state.table.names())
 
 
 async def model_status(name: str, state: StateDep) -> V1ModelStatus:
-    _require_model(state, name)
+    state.table.resolve(name)
     state.require_ready()
     return V1ModelStatus(name=name, ready=True)
 
 
 async def predict(request: Request, name: str, state: StateDep, params: Annotated[ClassifyParams, Query()]) -> Response:
     started = time.perf_counter()
-    _require_model(state, name)
-    state.require_warm()
-    threshold, max_experts = state.cascade_settings(params)
-    with state.admission.admit():
+    with state.table.use(name) as served:
+        state.require_warm()
+        return await _predict(request, served, params, started)
+
+
+async def _predict(request: Request, served: ModelVersion, params: ClassifyParams, started: float) -> Response:
+    threshold, max_experts = served.cascade_settings(params)
+    with served.admission.admit():
         instances = parse_instances(await request.body())
-        check_row_count(len(instances), state.max_request_rows)
-        images = await decode_rows(instances, state.decoder, state.decode_pool)
-        queued = queue_rows(state, images, threshold=threshold, max_experts=max_experts)
+        check_row_count(len(instances), served.max_request_rows)
+        images = await decode_rows(instances, served.decoder, served.decode_pool)
+        queued = queue_rows(served, images, threshold=threshold, max_experts=max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows, images, threshold)
+    observe_rows(served, rows, images, threshold)
     total_s = time.perf_counter() - started
-    body = V1PredictResponse(predictions=[classify_response(state, row, params.top_k, total_s) for row in rows])
+    body = V1PredictResponse(predictions=[classify_response(served, row, params.top_k, total_s) for row in rows])
     return Response(body.model_dump_json(), media_type="application/json")
 
 

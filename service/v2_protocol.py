@@ -11,8 +11,9 @@ Outputs, all by default, any subset on request: ``probabilities`` ``FP32 [N, C]`
 ``experts_used`` ``INT32 [N]``, ``relative_compute`` ``FP32 [N]``. Request ``parameters``: ``threshold``,
 ``max_experts`` (as /classify's query), ``classification`` (k: ``probabilities`` as ``"score:index:label"``
 strings, the classification extension; also an output's own parameter, as Triton has it) and
-``binary_data_output``. Extensions: ``classification`` and ``binary_tensor_data`` (both ways). Errors on every /v2
-route have the protocol's body ``{"error": "<message>"}`` (`service.http_errors`); bad input is a 400.
+``binary_data_output``. Extensions: ``classification`` and ``binary_tensor_data`` (both ways), and
+``model_repository`` with the admin routes on (`service.repository_routes`). Errors on every /v2 route have
+the protocol's body ``{"error": "<message>"}`` (`service.http_errors`); bad input is a 400.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from service import errors
 from service.access import require_token
 from service.batcher import RowResult
 from service.http_errors import statuses
+from service.model_version import ModelVersion
 from service.responses import v2_parameters
 from service.rows import check_row_count, decode_rows, observe_rows, queue_rows
 from service.schemas import ClassifyParams, V2Live, V2Ready, inline_json_schema
@@ -224,27 +226,14 @@ def server_version() -> str:
         return "unknown"
 
 
-def require_model(state: ServiceState, name: str, version: str | None) -> None:
-    """
-    Raises:
-        ModelNotFoundError: another model's name, or another version of this one.
-    """
-    model = state.model.manifest.model
-    if name != model.name:
-        raise errors.ModelNotFoundError(f"unknown model {name!r}: this server serves {model.name!r}")
-    if version is not None and version != model.version:
-        raise errors.ModelNotFoundError(
-            f"model {name!r} has no version {version!r}: it serves version {model.version!r}"
-        )
-
-
-def model_metadata(state: ServiceState) -> V2ModelMetadata:
-    manifest = state.model.manifest
+def model_metadata(served: ModelVersion, versions: Sequence[str]) -> V2ModelMetadata:
+    """``served``'s metadata; ``versions``: every loaded version of its model."""
+    manifest = served.model.manifest
     spec = manifest.input
     classes = len(manifest.classes)
     return V2ModelMetadata(
-        name=manifest.model.name,
-        versions=[manifest.model.version],
+        name=served.name,
+        versions=list(versions),
         platform="onnxruntime_onnx",
         inputs=[
             V2Tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1]),
@@ -277,9 +266,9 @@ class InferCall:
     outputs: list[OutputRequest]
 
 
-def _cascade_settings(state: ServiceState, parameters: V2Parameters) -> tuple[float, int]:
+def _cascade_settings(served: ModelVersion, parameters: V2Parameters) -> tuple[float, int]:
     try:
-        return state.cascade_settings(
+        return served.cascade_settings(
             ClassifyParams(threshold=parameters.threshold, max_experts=parameters.max_experts)
         )
     except errors.InvalidParameterError as error:
@@ -337,20 +326,20 @@ def _image_rows(tensor: V2RequestInput, data: bytes | list[object], limit: int) 
     return images
 
 
-def _pixel_rows(tensor: V2RequestInput, data: bytes | list[object], state: ServiceState) -> np.ndarray:
+def _pixel_rows(tensor: V2RequestInput, data: bytes | list[object], served: ModelVersion) -> np.ndarray:
     _check_datatype(tensor, "FP32")
-    spec = state.model.manifest.input
+    spec = served.model.manifest.input
     expected = [spec.channels, spec.height, spec.width]
     if len(tensor.shape) != 4 or tensor.shape[1:] != expected:
         raise errors.InvalidInputError(
             f"input {tensor.name!r} has shape {tensor.shape}, expected [N, {expected[0]}, {expected[1]}, {expected[2]}]"
         )
-    check_row_count(tensor.shape[0], state.max_request_rows)
+    check_row_count(tensor.shape[0], served.max_request_rows)
     values = float_elements(data, int(np.prod(tensor.shape)), tensor.name)
     return values.reshape(tensor.shape)
 
 
-def parse_infer_request(head: object, binary: bytes, state: ServiceState) -> InferCall:
+def parse_infer_request(head: object, binary: bytes, served: ModelVersion) -> InferCall:
     """Validate an inference request (its JSON object and binary section) against this model.
 
     Raises:
@@ -372,15 +361,15 @@ def parse_infer_request(head: object, binary: bytes, state: ServiceState) -> Inf
             f"pixels), got {found}"
         )
     outputs = _requested_outputs(request, parameters)
-    threshold, max_experts = _cascade_settings(state, parameters)
+    threshold, max_experts = _cascade_settings(served, parameters)
     (tensor,) = request.inputs
     section = BinarySection(binary)
     data = _input_data(tensor, section)
     section.check_consumed()
     if tensor.name == IMAGE_INPUT:
-        images, pixels = _image_rows(tensor, data, state.max_request_rows), None
+        images, pixels = _image_rows(tensor, data, served.max_request_rows), None
     else:
-        images, pixels = None, _pixel_rows(tensor, data, state)
+        images, pixels = None, _pixel_rows(tensor, data, served)
     return InferCall(request.id, images, pixels, threshold, max_experts, outputs)
 
 
@@ -418,12 +407,11 @@ def _json_data(values: np.ndarray | list[bytes]) -> list[Any]:
     return [value.decode() for value in values]
 
 
-def infer_response(state: ServiceState, call: InferCall, rows: Sequence[RowResult]) -> Response:
+def infer_response(served: ModelVersion, call: InferCall, rows: Sequence[RowResult]) -> Response:
     """The JSON response, followed by the binary outputs' data when any output is binary."""
-    model = state.model.manifest.model
     outputs, chunks = [], []
     for output in call.outputs:
-        datatype, shape, values = _output_values(output, rows, state.labels)
+        datatype, shape, values = _output_values(output, rows, served.labels)
         if output.binary:
             chunk = encode_binary(values)
             chunks.append(chunk)
@@ -434,7 +422,7 @@ def infer_response(state: ServiceState, call: InferCall, rows: Sequence[RowResul
             )
         else:
             outputs.append(V2ResponseOutput(name=output.name, shape=shape, datatype=datatype, data=_json_data(values)))
-    body = V2InferenceResponse(model_name=model.name, model_version=model.version, id=call.id, outputs=outputs)
+    body = V2InferenceResponse(model_name=served.name, model_version=served.version, id=call.id, outputs=outputs)
     head = body.model_dump_json(exclude_none=True).encode()
     if not chunks:
         return Response(head, media_type="application/json")
@@ -446,23 +434,28 @@ def infer_response(state: ServiceState, call: InferCall, rows: Sequence[RowResul
 
 
 async def run_inference(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
-    """One inference request, from its body to its response."""
+    """One inference request, from its body to its response, on the version it resolved at its start."""
     started = time.perf_counter()
-    require_model(state, name, version)
-    state.require_warm()
-    with state.admission.admit():  # before the body is read, as /classify
-        body = decompress(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
+    with state.table.use(name, version) as served:
+        state.require_warm()
+        return await _run_inference(request, served, started)
+
+
+async def _run_inference(request: Request, served: ModelVersion, started: float) -> Response:
+    with served.admission.admit():  # before the body is read, as /classify
+        max_body_bytes = served.settings.max_body_bytes
+        body = decompress(await request.body(), request.headers.get("content-encoding"), max_body_bytes)
         head, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        call = parse_infer_request(head, binary, state)
+        call = parse_infer_request(head, binary, served)
         if call.images is not None:
-            images = await decode_rows(call.images, state.decoder, state.decode_pool)
+            images = await decode_rows(call.images, served.decoder, served.decode_pool)
         else:
             assert call.pixels is not None
             images = list(call.pixels)
-        queued = queue_rows(state, images, threshold=call.threshold, max_experts=call.max_experts)
+        queued = queue_rows(served, images, threshold=call.threshold, max_experts=call.max_experts)
     rows = await queued.results(request.receive)
-    observe_rows(state, rows, images, call.threshold)
-    response = infer_response(state, call, rows)
+    observe_rows(served, rows, images, call.threshold)
+    response = infer_response(served, call, rows)
     response.headers["Server-Timing"] = f"total;dur={(time.perf_counter() - started) * 1e3:.3f}"
     return response
 
@@ -475,8 +468,10 @@ async def infer_version(request: Request, name: str, version: str, state: StateD
     return await run_inference(request, state, name, version)
 
 
-async def server_metadata() -> V2ServerMetadata:
-    return V2ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
+async def server_metadata(state: StateDep) -> V2ServerMetadata:
+    # The repository extension's routes exist only as admin routes (`service.repository_routes`).
+    extensions = [*EXTENSIONS, "model_repository"] if state.settings.admin_routes else list(EXTENSIONS)
+    return V2ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=extensions)
 
 
 async def live() -> V2Live:
@@ -488,26 +483,48 @@ async def ready(state: StateDep) -> V2Ready:
     return V2Ready(ready=True)
 
 
+def _metadata(state: ServiceState, name: str, version: str | None) -> V2ModelMetadata:
+    served = state.table.resolve(name, version)
+    return model_metadata(served, list(state.table.versions(name)))
+
+
 async def model(name: str, state: StateDep) -> V2ModelMetadata:
-    require_model(state, name, None)
-    return model_metadata(state)
+    return _metadata(state, name, None)
 
 
 async def model_version(name: str, version: str, state: StateDep) -> V2ModelMetadata:
-    require_model(state, name, version)
-    return model_metadata(state)
+    return _metadata(state, name, version)
 
 
 async def model_ready(name: str, state: StateDep) -> V2Ready:
-    require_model(state, name, None)
+    state.table.resolve(name)
     state.require_ready()
     return V2Ready(ready=True)
 
 
 async def model_version_ready(name: str, version: str, state: StateDep) -> V2Ready:
-    require_model(state, name, version)
+    state.table.resolve(name, version)
     state.require_ready()
     return V2Ready(ready=True)
+
+
+class V2LoadedModel(BaseModel):
+    name: str
+    versions: list[str] = Field(description="Every loaded version, oldest first; the last serves unversioned routes.")
+
+
+class V2Models(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"models": [{"name": "cifar10-lt-ride4", "versions": ["1", "2"]}]}]}
+    )
+
+    default_model: str | None = Field(description="The model the unnamed routes (/classify, /models) serve.")
+    models: list[V2LoadedModel]
+
+
+async def list_models(state: StateDep) -> V2Models:
+    models = [V2LoadedModel(name=name, versions=list(state.table.versions(name))) for name in state.table.names()]
+    return V2Models(default_model=state.table.default_name, models=models)
 
 
 INFER_EXAMPLE = {
@@ -551,6 +568,12 @@ def add_v2_routes(app: FastAPI) -> None:
         response_model=V2Ready,
         responses=v2_error_responses(errors.NotReadyError),
         summary="Server readiness (503 while warming up or shutting down).",
+    )
+    app.add_api_route(
+        "/v2/models",
+        list_models,
+        response_model=V2Models,
+        summary="Every loaded model and its versions (not part of the protocol; its repository index lists all).",
     )
     handlers = {
         "/v2/models/{name}": (model, model_ready, infer),

@@ -63,7 +63,7 @@ def test_main_reports_a_missing_model_folder_in_one_line(tmp_path: Path, capsys:
 
 
 def test_cuda_provider_options_are_set_deliberately(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.api import cuda_options
+    from service.loader import cuda_options
 
     assert cuda_options(Settings()).provider_options() == {
         "use_tf32": "0",
