@@ -71,19 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging(settings.log_level)
     source = settings.model_repository if settings.model_repository is not None else settings.model_dir
+    what = "model repository" if settings.model_repository is not None else "model folder"
     if not source.is_dir():
-        what = "model repository" if settings.model_repository is not None else "model folder"
-        print(
-            f"error: {what} {source} does not exist: export a model with `python -m export` and point "
-            "--model-dir (RIDE_MODEL_DIR) at it, or --model-repository (RIDE_MODEL_REPOSITORY) at a folder of "
-            "<name>/<version>/ model folders",
-            file=sys.stderr,
+        hint = (
+            "point --model-repository (RIDE_MODEL_REPOSITORY) at a folder of <name>/<version>/ model folders"
+            if settings.model_repository is not None
+            else "export one with `python -m export` or point --model-dir (RIDE_MODEL_DIR) at one"
         )
+        print(f"error: {what} {source} does not exist: {hint}", file=sys.stderr)
         return 1
     try:
         app = create_app(settings)
     except (ModelLoadError, ManifestError) as error:
-        what = "model repository" if settings.model_repository is not None else "model folder"
         print(f"error: cannot serve {what} {source}: {error}", file=sys.stderr)
         return 1
     state = app.state.service

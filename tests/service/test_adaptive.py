@@ -39,7 +39,7 @@ def test_the_ladder_runs_from_the_serving_point_down_to_the_floor(bundled: OnnxM
 
 def controller_state(bundled: OnnxModel, **settings):
     app = create_app(Settings(model_dir=DEFAULT_MODEL, adaptive_latency_target_ms=TARGET_MS, **settings), model=bundled)
-    return app.state.service
+    return app.state.service.default_model()
 
 
 def feed(controller, wait_ms: float, now: float) -> str | None:

@@ -57,7 +57,8 @@ def test_openapi_documents_both_upload_forms(loaded_model, model_dir: Path) -> N
     classify = response.json()["paths"]["/classify"]["post"]
     assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/octet-stream"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(classify["responses"])
-    assert {p["name"] for p in classify["parameters"]} == {"top_k", "threshold", "target_compute", "max_experts"}
+    expected = {"top_k", "threshold", "target_compute", "max_experts", "model", "version"}
+    assert {p["name"] for p in classify["parameters"]} == expected
 
 
 def test_a_classification_never_waits_for_the_thread_pool(loaded_model, model_dir: Path, test_images) -> None:
@@ -73,7 +74,7 @@ def test_a_classification_never_waits_for_the_thread_pool(loaded_model, model_di
     body = test_images[0][1]
 
     async def scenario() -> httpx.Response:
-        await state.batcher.start()
+        await state.start()
         await state.warm_up()
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = 1
@@ -88,7 +89,7 @@ def test_a_classification_never_waits_for_the_thread_pool(loaded_model, model_di
         finally:
             release.set()
             await holder
-            await state.batcher.stop(1.0)
+            await state.stop()
 
     response = asyncio.run(scenario())
     assert response.status_code == 200 and 1 <= response.json()["experts_used"] <= 3

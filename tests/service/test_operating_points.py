@@ -41,14 +41,14 @@ def serve(app, scenario: Scenario):
     state = app.state.service
 
     async def run():
-        await state.batcher.start()
+        await state.start()
         await state.warm_up()
         try:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return await scenario(client)
         finally:
-            await state.batcher.stop(1.0)
+            await state.stop()
 
     return asyncio.run(run())
 
@@ -87,7 +87,7 @@ def test_a_target_compute_outside_0_1_is_refused_at_start_up(monkeypatch: pytest
 def test_target_compute_sets_the_serving_threshold(bundled: OnnxModel) -> None:
     app = create_app(Settings(model_dir=DEFAULT_MODEL, target_compute=0.5), model=bundled)
     expected = choose_by_budget(bundled.manifest.operating_curve, 0.5).point
-    assert app.state.service.default_threshold == expected.threshold != bundled.manifest.cascade.default_threshold
+    assert app.state.service.default_model().default_threshold == expected.threshold != bundled.manifest.cascade.default_threshold
 
     async def scenario(client):
         return await client.post("/classify", content=SAMPLE, headers=JPEG), await client.get("/metrics")
@@ -162,7 +162,7 @@ def test_admin_routes_are_off_by_default(bundled: OnnxModel) -> None:
 
     response = serve(app, scenario)
     assert response.status_code in (404, 405)
-    assert app.state.service.default_threshold == bundled.manifest.cascade.default_threshold
+    assert app.state.service.default_model().default_threshold == bundled.manifest.cascade.default_threshold
 
 
 def test_an_admin_moves_the_serving_point_with_the_token(bundled: OnnxModel) -> None:

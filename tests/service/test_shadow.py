@@ -55,8 +55,7 @@ def test_threshold_0_agrees_exactly_always(bundled) -> None:
     state = app.state.service
 
     async def scenario() -> str:
-        await state.batcher.start()
-        await state.shadow.start()
+        await state.start()
         await state.warm_up()
         try:
             transport = httpx.ASGITransport(app=app)
@@ -69,8 +68,7 @@ def test_threshold_0_agrees_exactly_always(bundled) -> None:
                     await asyncio.sleep(0.01)
                 return (await client.get("/metrics")).text
         finally:
-            await state.shadow.stop()
-            await state.batcher.stop(1.0)
+            await state.stop()
 
     counts = shadow_counts(asyncio.run(scenario()))
     agree = sum(v for k, v in counts.items() if isinstance(k, tuple) and k[0] == "agree")
@@ -83,7 +81,7 @@ def test_a_full_shadow_queue_drops_instead_of_waiting(bundled) -> None:
     """While requests keep the batcher busy, the shadow waits; its queue is bounded and further samples are
     dropped (counted), never queued without bound."""
     app = create_app(Settings(model_dir=DEFAULT_MODEL, shadow_rate=1.0, shadow_queue_size=1), model=bundled)
-    state = app.state.service
+    state = app.state.service.default_model()
     pixels = np.zeros((3, 32, 32), dtype=np.float32)
 
     async def scenario() -> None:
