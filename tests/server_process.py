@@ -90,10 +90,17 @@ class ServerProcess:
 
 
 def spawn_server(
-    model_dir: Path, log_path: Path, *, prefix: Sequence[str] = (), max_files: int | None = None, **env: str
+    model_dir: Path,
+    log_path: Path,
+    *,
+    prefix: Sequence[str] = (),
+    max_files: int | None = None,
+    flag: str = "--model-dir",
+    **env: str,
 ) -> tuple[subprocess.Popen, int]:
     """Start ``python -m service`` on a free port without waiting; ``env`` are extra RIDE_* variables, ``prefix``
-    a command that runs it (e.g. ``unshare``), ``max_files`` its file-descriptor limit."""
+    a command that runs it (e.g. ``unshare``), ``max_files`` its file-descriptor limit, ``flag`` the one that
+    names ``model_dir`` (``--model-repository`` for a repository)."""
     port = free_port()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
 
@@ -101,7 +108,7 @@ def spawn_server(
         if max_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
-    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "service", flag, str(model_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [*prefix, *command],
@@ -115,9 +122,15 @@ def spawn_server(
 
 
 def start_server(
-    model_dir: Path, log_path: Path, *, prefix: Sequence[str] = (), max_files: int | None = None, **env: str
+    model_dir: Path,
+    log_path: Path,
+    *,
+    prefix: Sequence[str] = (),
+    max_files: int | None = None,
+    flag: str = "--model-dir",
+    **env: str,
 ) -> ServerProcess:
     """Start a server and wait until /readyz answers 200 (raises RuntimeError, with the log, if it never does)."""
-    process, port = spawn_server(model_dir, log_path, prefix=prefix, max_files=max_files, **env)
+    process, port = spawn_server(model_dir, log_path, prefix=prefix, max_files=max_files, flag=flag, **env)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     return server.wait_ready("/readyz", SERVER_START_TIMEOUT_S, poll_s=0.1, name="server")
