@@ -21,7 +21,7 @@ from service.metrics import Metrics
 from service.model import OnnxModel, load_model, requested_providers, warm_up
 from service.model_table import ModelTable
 from service.model_version import ModelVersion, warm_batch_sizes
-from service.repository import Repository, VersionFolder, fingerprint
+from service.repository import Repository, VersionFolder, fingerprint, version_order
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -292,5 +292,8 @@ class Loader:
             if key not in entries:
                 reason = "its folder is gone: served until the next load or rescan"
                 entries[key] = IndexEntry(served.name, served.version, "READY", reason)
-        listed = sorted(entries.values(), key=lambda e: (e.name, e.version))
+        listed = []
+        for name in sorted({e.name for e in entries.values()}):
+            versions = {e.version: e for e in entries.values() if e.name == name}
+            listed += [versions[v] for v in version_order(versions)]
         return [e for e in listed if e.state == "READY"] if ready_only else listed

@@ -87,7 +87,8 @@ def test_a_target_compute_outside_0_1_is_refused_at_start_up(monkeypatch: pytest
 def test_target_compute_sets_the_serving_threshold(bundled: OnnxModel) -> None:
     app = create_app(Settings(model_dir=DEFAULT_MODEL, target_compute=0.5), model=bundled)
     expected = choose_by_budget(bundled.manifest.operating_curve, 0.5).point
-    assert app.state.service.default_model().default_threshold == expected.threshold != bundled.manifest.cascade.default_threshold
+    serving = app.state.service.default_model().default_threshold
+    assert serving == expected.threshold != bundled.manifest.cascade.default_threshold
 
     async def scenario(client):
         return await client.post("/classify", content=SAMPLE, headers=JPEG), await client.get("/metrics")

@@ -325,7 +325,7 @@ def test_errors_elsewhere_on_v2_have_the_protocol_body(raw: httpx.Client, model)
     assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"error"}
     model_missing = raw.get("/v2/models/resnet50/ready")
     assert model_missing.status_code == 404 and model_missing.json() == {
-        "error": f"unknown model 'resnet50': this server serves '{model.name}'"
+        "error": f"unknown model 'resnet50': loaded models: {model.name} (versions {model.version})"
     }
     # Elsewhere the richer body stays.
     assert raw.get("/nothing-here").json()["error"]["code"] == "not_found"
