@@ -69,7 +69,7 @@ def guarded_app(loaded_model, model_dir: Path):
 
 
 def test_token_guards_inference_routes_only(guarded_app) -> None:
-    name = guarded_app.state.service.model.manifest.model.name
+    name = guarded_app.state.service.default_model().name
     image = {"content": b"x", "headers": {"content-type": "image/png"}}
     for path in ("/classify", f"/v1/models/{name}:predict", f"/v2/models/{name}/infer"):
         refused = request(guarded_app, "POST", path, **image)
@@ -116,7 +116,7 @@ def test_openapi_tells_the_truth(loaded_model, model_dir: Path) -> None:
     assert set(paths["/models"]["get"]["responses"]) == {"200"}
     assert set(paths["/healthz"]["get"]["responses"]) == {"200", "503"}
     classify = paths["/classify"]["post"]
-    assert {"200", "400", "401", "413", "415", "422", "503"} == set(classify["responses"])
+    assert {"200", "400", "401", "404", "413", "415", "422", "503"} == set(classify["responses"])
     assert classify["responses"]["200"]["content"]["application/json"]["examples"]
     infer = paths["/v2/models/{name}/infer"]["post"]
     assert infer["requestBody"]["content"]["application/json"]["example"]["inputs"][0]["name"] == "image"
