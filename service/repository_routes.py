@@ -29,6 +29,8 @@ UNLOAD_ROUTE = "/v2/repository/models/{name}/unload"
 
 
 class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+
     ready: bool = Field(False, description="true: list only the model versions ready for inference.")
 
 
@@ -46,12 +48,16 @@ class RepositoryIndexEntry(BaseModel):
 
 
 class RepositoryLoadRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{}]})
+
     parameters: dict[str, Any] | None = Field(
         None, description="None are supported (Triton's config and file overrides are not): give none."
     )
 
 
 class RepositoryUnloadRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"parameters": {"unload_dependents": False}}]})
+
     parameters: dict[str, Any] | None = Field(
         None, description="unload_dependents is accepted (a model here has no dependents); no other."
     )
@@ -104,7 +110,7 @@ def add_repository_routes(app: FastAPI) -> None:
         methods=["POST"],
         response_class=Response,
         responses={
-            200: {"description": "Loaded (empty body)."},
+            200: {"description": "Loaded (empty body).", "content": {"application/json": {"example": ""}}},
             **v2_error_responses(
                 errors.UnauthorizedError, errors.ModelNotFoundError, errors.LoadFailedError, errors.InvalidInputError
             ),
@@ -118,7 +124,7 @@ def add_repository_routes(app: FastAPI) -> None:
         methods=["POST"],
         response_class=Response,
         responses={
-            200: {"description": "Unloaded (empty body)."},
+            200: {"description": "Unloaded (empty body).", "content": {"application/json": {"example": ""}}},
             **v2_error_responses(errors.UnauthorizedError, errors.ModelNotFoundError, errors.InvalidInputError),
         },
         summary="Admin: stop serving the model (requests running on it finish first).",

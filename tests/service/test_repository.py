@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import shutil
 import signal
 import threading
@@ -231,6 +233,17 @@ def test_an_unknown_model_or_version_is_404_in_each_protocols_shape(
             assert answer.status_code == 404 and isinstance(answer.json()["error"], str), path
         answer = client.get("/v2/models/tiny/versions/3")
         assert answer.status_code == 404 and "loaded versions: 1, 2" in answer.json()["error"]
+
+
+def test_the_repository_routes_are_documented_with_examples(repo_server: ServerProcess) -> None:
+    paths = httpx.get(f"{repo_server.url}/openapi.json").json()["paths"]
+    schemas = httpx.get(f"{repo_server.url}/openapi.json").json()["components"]["schemas"]
+    for path in ("/v2/repository/index", "/v2/repository/models/{name}/load", "/v2/repository/models/{name}/unload"):
+        operation = paths[path]["post"]
+        assert {"200", "401"} <= set(operation["responses"]), path
+        text = json.dumps(operation)
+        referenced = [json.dumps(schemas[name]) for name in re.findall(r"#/components/schemas/(\w+)", text)]
+        assert any('"example' in part for part in [text, *referenced]), path
 
 
 def test_the_repository_routes_need_the_admin_token(repo_server: ServerProcess, server: ServerProcess) -> None:
