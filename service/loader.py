@@ -193,22 +193,26 @@ class Loader:
 
     async def rescan(self) -> list[str]:
         """Load every model of the repository anew (but those unloaded by request) and unload the models whose folder
-        is gone; returns the problems (also logged)."""
+        is gone; returns the problems (also logged). A repository that cannot be read changes nothing."""
         async with self._lock:
-            try:
-                found = await asyncio.to_thread(self._scan)
-            except LoadFailedError as error:
-                logger.error("rescan: %s", error)
-                return [str(error)]
-            problems = []
-            for name, folders in found.items():
-                if name not in self.unloaded:
-                    problems += await self._sync(name, folders)
-            for name in self.table.names():
-                if name not in found:
-                    await self._swap(name, {})
-                    logger.info("rescan: unloaded model %s (its folder is gone)", name)
+            problems = await self._rescan()
         logger.info("rescan done: %s", "; ".join(problems) if problems else "every version loaded")
+        return problems
+
+    async def _rescan(self) -> list[str]:
+        try:
+            found = await asyncio.to_thread(self._scan)
+        except LoadFailedError as error:
+            logger.error("rescan: %s", error)
+            return [str(error)]
+        problems = []
+        for name, folders in found.items():
+            if name not in self.unloaded:
+                problems += await self._sync(name, folders)
+        for name in self.table.names():
+            if name not in found:
+                await self._swap(name, {})
+                logger.info("rescan: unloaded model %s (its folder is gone)", name)
         return problems
 
     async def _sync(self, name: str, folders: list[VersionFolder]) -> list[str]:

@@ -419,3 +419,29 @@ def test_five_reloads_under_load_fail_no_request(model_dir: Path, tmp_path: Path
         f"reload test: {sum(load.statuses.values())} requests ({sum(load.versions.values())} images), statuses "
         f"{dict(load.statuses)}, images by version {dict(load.versions)}"
     )
+
+
+def test_sighup_reloads_a_model_dir_as_a_repository_of_one(model_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    name, version = load_manifest(folder).model.name, load_manifest(folder).model.version
+    server = start_server(folder, tmp_path / "server.log", RIDE_PROVIDER="cpu")
+    try:
+        assert model_info(server) == {(name, version)}
+        change_version(folder, "rebuilt")
+        rescans = server.log().count("rescan done")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_rescan(server, rescans)
+        assert model_info(server) == {(name, "rebuilt")}
+        assert httpx.get(f"{server.url}/v2/models/{name}").json()["versions"] == ["rebuilt"]
+        # A rescan that finds a broken folder reports it and keeps serving what it had.
+        (folder / MANIFEST_NAME).write_text("{not json")
+        rescans = server.log().count("rescan done")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_rescan(server, rescans)
+        assert "rescan: cannot read model folder" in server.log()
+        assert model_info(server) == {(name, "rebuilt")}
+        image = cifar10_test_images(per_class=1)[0][1]
+        answer = httpx.post(f"{server.url}/classify", content=image, headers=JPEG)
+        assert answer.status_code == 200 and answer.json()["model"] == {"name": name, "version": "rebuilt"}
+    finally:
+        assert server.stop() == 0
