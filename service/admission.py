@@ -71,7 +71,7 @@ class Admission:
 
 
 def early_refusal(
-    check: Callable[[], None],
+    check: Callable[[str], None],
     path: str,
     retry_after_s: int,
     *,
@@ -79,15 +79,17 @@ def early_refusal(
     draining: Callable[[], bool],
 ) -> Refusal:
     """The connection guard's refusal (`service.connections`): ``POST path`` gets a complete 503 response while
-    ``check`` (an `Admission.check`) refuses, reported to ``on_refused``; None lets the request through (always while
-    ``draining``: the application then adds ``Connection: close``)."""
+    ``check`` (given the query string: the `Admission.check` of the model it names) refuses, reported to
+    ``on_refused``; None lets the request through (always while ``draining``: the application then adds
+    ``Connection: close``)."""
     target = path.encode()
 
     def refuse(method: bytes, url: bytes) -> bytes | None:
-        if method != b"POST" or url.split(b"?", 1)[0] != target or draining():
+        route, _, query = url.partition(b"?")
+        if method != b"POST" or route != target or draining():
             return None
         try:
-            check()
+            check(query.decode("latin-1"))
         except OverloadedError as error:
             on_refused(503)
             body = (

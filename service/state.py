@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from typing import Annotated
+from urllib.parse import parse_qs
 
 from fastapi import Depends, Request
 
@@ -107,10 +108,13 @@ class ServiceState:
         """
         return self.table.resolve(None)
 
-    def check_admission(self) -> None:
-        """The connection-level refusal's check (`service.admission.early_refusal`), on the default model's queue."""
+    def check_admission(self, query: str) -> None:
+        """The connection-level refusal's check (`service.admission.early_refusal`) of a /classify request with this
+        query string: on the queue of the model version it names (by default, the default model's latest)."""
+        params = parse_qs(query)
+        name, version = params.get("model", [None])[-1], params.get("version", [None])[-1]
         try:
-            served = self.table.resolve(None)
+            served = self.table.resolve(name, version)
         except ModelNotFoundError:
             return  # the route answers 404
         served.admission.check()
