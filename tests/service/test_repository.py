@@ -4,6 +4,7 @@ reloads under load lose no request."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -17,11 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from export.manifest import MANIFEST_NAME, expert_file, load_manifest, write_manifest
-from service.errors import ModelLoadError
+from service.api import create_app
+from service.errors import ModelLoadError, NotReadyError
 from service.loader import choose_default
 from service.repository import version_order
 from service.settings import Settings
@@ -445,3 +448,28 @@ def test_sighup_reloads_a_model_dir_as_a_repository_of_one(model_dir: Path, tmp_
         assert answer.status_code == 200 and answer.json()["model"] == {"name": name, "version": "rebuilt"}
     finally:
         assert server.stop() == 0
+
+
+def test_a_version_taken_out_stops_only_after_its_last_request(loaded_model, model_dir: Path) -> None:
+    """Deterministic form of what the reload test samples: a request holding a version keeps it running after the
+    version left the table; the version stops once that request is done."""
+    state = create_app(Settings(model_dir=model_dir), model=loaded_model).state.service
+    pixels = np.zeros((3, 32, 32), dtype=np.float32)
+
+    async def scenario() -> None:
+        await state.start()
+        try:
+            with state.table.use(None) as held:
+                (removed,) = state.table.replace(held.name, {})
+                retiring = asyncio.create_task(removed.retire(1.0))
+                await asyncio.sleep(0.05)
+                assert not retiring.done()
+                result = await held.batcher.submit(pixels, threshold=0.5, max_experts=3)  # still served
+                assert 1 <= result.experts_used <= 3
+            await asyncio.wait_for(retiring, 10)
+            with pytest.raises(NotReadyError):
+                held.batcher.enqueue(pixels, threshold=0.5, max_experts=3)
+        finally:
+            await state.stop()
+
+    asyncio.run(scenario())
