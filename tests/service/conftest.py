@@ -51,8 +51,11 @@ def png_header(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The shared test server, with a small body limit (512 KiB) so that the 413 path is cheap to hit."""
+    """The shared test server, with a small body limit (512 KiB) so that the 413 path is cheap to hit, and a long
+    queue-wait bound (10 s): its tests check answers, batching and errors, and on a busy CPU 64 concurrent images
+    can wait longer than the default 500 ms and be shed with 503. Shedding is tested on servers of its own
+    (test_overload, test_server's overload test)."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    running = start_server(model_dir, log_path, RIDE_MAX_BODY_BYTES=str(512 * 1024))
+    running = start_server(model_dir, log_path, RIDE_MAX_BODY_BYTES=str(512 * 1024), RIDE_MAX_QUEUE_WAIT_MS=str(10_000))
     yield running
     running.stop()
