@@ -1,4 +1,4 @@
-"""Command line: ``python -m training.run {train,evaluate,route,distill,recipe,import-official} ...``.
+"""Command line: ``python -m training.run {train,evaluate,route,distill,recipe,compare,import-official} ...``.
 
 Every expected failure (bad config, bad data, bad checkpoint) ends with one ``error:`` line and exit status 2,
 never a traceback from deep inside torch.
@@ -91,6 +91,14 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from training.compare import compare
+
+    print(compare(args.runs, baseline=args.baseline, plot=args.plot))
+    if args.plot is not None:
+        print(f"\nwrote {args.plot}")
+
+
 def cmd_import_official(args: argparse.Namespace) -> None:
     from training.official.importer import ImportOptions, import_official
 
@@ -159,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--export", type=Path, help="model folder to export to (default DIR-model)")
     recipe.add_argument("--status", action="store_true", help="only say where the recipe stands")
     recipe.set_defaults(handler=cmd_recipe)
+
+    comparison = commands.add_parser(
+        "compare", help="evaluated checkpoints side by side (Markdown table, optional bar chart); runs no model"
+    )
+    comparison.add_argument("runs", type=Path, nargs="+", help="checkpoint folders, each evaluated")
+    comparison.add_argument("--baseline", type=Path, help="show each accuracy's difference to this run, in points")
+    comparison.add_argument("--plot", type=Path, help="also write a bar chart (PNG) here")
+    comparison.set_defaults(handler=cmd_compare)
 
     imports = commands.add_parser(
         "import-official", help="a checkpoint folder from a checkpoint of the official RIDE code (.pth)"
