@@ -263,13 +263,18 @@ class Loader:
         self._on_swap()
         await asyncio.gather(*(old.retire(self.settings.shutdown_timeout_s) for old in removed))
 
-    def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
-        """Every model version in the repository, and every one served, with its state and why."""
+    def _scan_for_index(self) -> dict[str, list[VersionFolder]]:
         try:
-            found = self.repository.scan()
+            return self.repository.scan()
         except (ManifestError, OSError) as error:
             logger.warning("index: cannot read %s: %s", self.repository.describe(), error)
-            found = {}
+            return {}
+
+    async def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model version in the repository, and every one served, with its state and why. The folders are
+        read in a worker thread (a repository on network storage must not stall the requests being served); the
+        table is read on the event loop, where it changes."""
+        found = await asyncio.to_thread(self._scan_for_index)
         entries = {}
         for name, folders in found.items():
             loaded = self.table.versions(name)

@@ -76,7 +76,7 @@ async def repository_index(
     ready_only = body.ready if body is not None else False
     return [
         RepositoryIndexEntry(name=e.name, version=e.version, state=e.state, reason=e.reason)
-        for e in state.loader.index(ready_only=ready_only)
+        for e in await state.loader.index(ready_only=ready_only)
     ]
 
 
