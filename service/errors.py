@@ -104,6 +104,11 @@ class NotReadyError(ServiceError):
     code = "not_ready"
 
 
+class DefaultModelUnloadedError(NotReadyError):
+    """The default model, which the unnamed routes serve, was unloaded: the server is not ready until it is
+    loaded again (a temporary state of this server, not an unknown name: 503, not 404)."""
+
+
 class ModelLoadError(RuntimeError):
     """The model folder cannot be served (bad manifest, hash mismatch, graph that onnxruntime rejects)."""
 

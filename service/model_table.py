@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.errors import ModelNotFoundError
+from service.errors import DefaultModelUnloadedError, ModelNotFoundError, NotReadyError
 from service.model_version import ModelVersion
 from service.repository import version_order
 
@@ -48,11 +48,11 @@ class ModelTable:
 
         Raises:
             ModelNotFoundError: no such model loaded, or no such version of it.
+            DefaultModelUnloadedError: ``name`` is None and the default model is not loaded (it was unloaded).
         """
         if name is None:
+            self.require_default()
             name = self.default_name
-            if name is None or name not in self._models:
-                raise ModelNotFoundError(f"no default model is loaded; loaded models: {self._listing()}")
         loaded = self._models.get(name)
         if not loaded:
             raise ModelNotFoundError(f"unknown model {name!r}: loaded models: {self._listing()}")
@@ -63,6 +63,15 @@ class ModelTable:
                 f"model {name!r} has no version {version!r} loaded: loaded versions: {', '.join(version_order(loaded))}"
             )
         return loaded[version]
+
+    def require_default(self) -> None:
+        """Raises `DefaultModelUnloadedError` when the model the unnamed routes serve is not loaded."""
+        name = self.default_name
+        if name is None or name not in self._models:
+            raise DefaultModelUnloadedError(
+                f"the default model {name!r} is not loaded (it was unloaded): load it with "
+                f"POST /v2/repository/models/{name}/load, or name a loaded model; loaded models: {self._listing()}"
+            )
 
     @contextmanager
     def use(self, name: str | None, version: str | None = None) -> Iterator[ModelVersion]:
@@ -79,7 +88,7 @@ class ModelTable:
         """Whether ``served`` is what the unnamed routes serve."""
         try:
             return self.resolve(None) is served
-        except ModelNotFoundError:
+        except NotReadyError:
             return False
 
     def _listing(self) -> str:

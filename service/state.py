@@ -97,14 +97,14 @@ class ServiceState:
             self.metrics.observe_serving_point(serving)
 
     def _report_serving_point(self) -> None:
-        with contextlib.suppress(ModelNotFoundError):  # the default model was unloaded
+        with contextlib.suppress(NotReadyError):  # the default model was unloaded
             self.metrics.observe_serving_point(self.table.resolve(None).operating.serving)
 
     def default_model(self) -> ModelVersion:
         """What the unnamed routes serve now (the default model's latest version).
 
         Raises:
-            ModelNotFoundError: the default model is not loaded (it was unloaded).
+            DefaultModelUnloadedError: the default model is not loaded (it was unloaded).
         """
         return self.table.resolve(None)
 
@@ -115,8 +115,8 @@ class ServiceState:
         name, version = params.get("model", [None])[-1], params.get("version", [None])[-1]
         try:
             served = self.table.resolve(name, version)
-        except ModelNotFoundError:
-            return  # the route answers 404
+        except (ModelNotFoundError, NotReadyError):
+            return  # the route answers 404, or 503 for an unloaded default model
         served.admission.check()
 
     async def start(self) -> None:
@@ -142,19 +142,27 @@ class ServiceState:
 
     @property
     def is_ready(self) -> bool:
-        """What /readyz answers: warm, and not shutting down."""
-        return self.ready and not self.drain.draining
+        """What /readyz answers: warm, not shutting down, and the default model loaded."""
+        try:
+            self.require_ready()
+        except NotReadyError:
+            return False
+        return True
 
     def require_warm(self) -> None:
         """What a classification needs: the models loaded and warm (they are still served while draining)."""
         if not self.ready:
             raise NotReadyError(self.failure or "the model is still warming up")
 
-    def require_ready(self) -> None:
-        """What the readiness endpoints report: warm, and not shutting down (load balancers then stop sending)."""
+    def require_ready(self, *, default_model: bool = True) -> None:
+        """What the readiness endpoints report: warm, and not shutting down (load balancers then stop sending). The
+        server's readiness also needs the default model loaded, since the unnamed routes serve it; a model's own
+        readiness (``default_model=False``) does not."""
         if self.drain.draining:
             raise NotReadyError("the server is shutting down")
         self.require_warm()
+        if default_model:
+            self.table.require_default()
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -118,7 +118,7 @@ async def list_models(state: StateDep) -> V1Models:
 
 async def model_status(name: str, state: StateDep) -> V1ModelStatus:
     state.table.resolve(name)
-    state.require_ready()
+    state.require_ready(default_model=False)
     return V1ModelStatus(name=name, ready=True)
 
 

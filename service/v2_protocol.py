@@ -498,13 +498,13 @@ async def model_version(name: str, version: str, state: StateDep) -> V2ModelMeta
 
 async def model_ready(name: str, state: StateDep) -> V2Ready:
     state.table.resolve(name)
-    state.require_ready()
+    state.require_ready(default_model=False)
     return V2Ready(ready=True)
 
 
 async def model_version_ready(name: str, version: str, state: StateDep) -> V2Ready:
     state.table.resolve(name, version)
-    state.require_ready()
+    state.require_ready(default_model=False)
     return V2Ready(ready=True)
 
 

@@ -29,7 +29,7 @@ from service.loader import choose_default
 from service.repository import version_order
 from service.settings import Settings
 from tests.server_process import ServerProcess, cifar10_test_images, spawn_server, start_server
-from tests.service.test_server import metrics
+from tests.service.test_server import metrics, value
 
 TOKEN = "repository-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -284,6 +284,32 @@ def test_unload_and_load_change_what_is_served(repo_server: ServerProcess, image
         assert "tiny version 3:" in failed.json()["error"] and "expert_2.onnx has sha256" in failed.json()["error"]
         assert client.get("/v2/models/tiny").json()["versions"] == ["1", "2"]
         assert model_info(repo_server) == {("tiny", "1"), ("tiny", "2"), ("other", "1")}
+
+
+def test_unloading_the_default_model_takes_the_server_out_of_readiness(
+    repo_server: ServerProcess, images: list[bytes]
+) -> None:
+    """The unnamed routes serve the default model: without it the server must not look ready, or a load balancer
+    keeps sending requests that cannot be answered. Models that are loaded stay ready by name."""
+    with httpx.Client(base_url=repo_server.url, timeout=60, headers=ADMIN) as client:
+        assert client.post("/v2/repository/models/tiny/unload").status_code == 200
+        for route in ("/readyz", "/v2/health/ready"):
+            assert client.get(route).status_code == 503, route
+        refused = client.post("/classify", content=images[0], headers=JPEG)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "not_ready"
+        assert "the default model 'tiny' is not loaded" in refused.json()["error"]["message"]
+        assert "/v2/repository/models/tiny/load" in refused.json()["error"]["message"]
+        assert value(metrics(repo_server), "ride_ready") == 0
+        assert client.get("/v2/models/other/ready").status_code == 200
+        assert client.get("/v1/models/other").status_code == 200
+        assert client.post("/v2/models/other/infer", json=v2_image(images[0])).status_code == 200
+
+        client.post("/v2/repository/models/tiny/load")  # 400: version 3 is broken; 1 and 2 load
+        assert client.get("/v2/models/tiny").json()["versions"] == ["1", "2"]
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/classify", content=images[0], headers=JPEG).status_code == 200
+        assert value(metrics(repo_server), "ride_ready") == 1
 
 
 class Load:
