@@ -119,6 +119,10 @@ def _validation_message(error: RequestValidationError) -> str:
     parts = []
     problems = error.errors()
     for item in problems[:MAX_PROBLEMS_LISTED]:
+        if item.get("type") == "json_invalid":  # its location is a character offset, not a field
+            detail = item.get("ctx", {}).get("error", "")
+            parts.append(f"the body is not valid JSON ({detail})" if detail else "the body is not valid JSON")
+            continue
         location = ".".join(str(p) for p in item.get("loc", ()) if p not in ("query", "body"))
         parts.append(f"{location[:MAX_LOCATION_CHARS] or 'request'}: {item.get('msg', 'invalid')}")
     if len(problems) > MAX_PROBLEMS_LISTED:

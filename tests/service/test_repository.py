@@ -286,6 +286,14 @@ def test_unload_and_load_change_what_is_served(repo_server: ServerProcess, image
         assert model_info(repo_server) == {("tiny", "1"), ("tiny", "2"), ("other", "1")}
 
 
+def test_a_repository_request_that_is_not_json_says_so(repo_server: ServerProcess) -> None:
+    headers = {**ADMIN, "content-type": "application/json"}
+    for route in ("/v2/repository/index", "/v2/repository/models/other/load"):
+        answer = httpx.post(f"{repo_server.url}{route}", content=b"{bad", headers=headers, timeout=30)
+        assert answer.status_code == 400, route
+        assert answer.json()["error"].startswith("the body is not valid JSON (Expecting property name"), answer.text
+
+
 def test_unloading_the_default_model_takes_the_server_out_of_readiness(
     repo_server: ServerProcess, images: list[bytes]
 ) -> None:
