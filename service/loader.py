@@ -84,8 +84,11 @@ def load_initial(
         found = repository.scan()
     except OSError as error:
         raise ModelLoadError(f"cannot list {repository.describe()}: {error}") from None
-    loaded, failures = [], {}
-    for folders in found.values():
+    loaded, failures, empty = [], {}, []
+    for name, folders in found.items():
+        if not folders:
+            empty.append(repository.missing_versions(name))
+            logger.error("not serving %s", empty[-1])
         for where in folders:
             try:
                 loaded.append(LoadedFolder(where, fingerprint(where.folder), load_folder(settings, where.folder)))
@@ -93,7 +96,8 @@ def load_initial(
                 failures[(where.name, where.version)] = first_line(error)
                 logger.error("not serving %s version %s (%s): %s", where.name, where.version, where.folder, error)
     if not loaded:
-        listed = "; ".join(f"{n} {v}: {reason}" for (n, v), reason in failures.items()) or "no <name>/<version>/ folder"
+        problems = [f"{n} {v}: {reason}" for (n, v), reason in failures.items()] + empty
+        listed = "; ".join(problems) or "no <name>/<version>/ folder"
         raise ModelLoadError(f"{repository.describe()} has no model that can be served ({listed})")
     return loaded, failures
 
@@ -127,7 +131,7 @@ class IndexEntry:
     """One model version of the repository index (the Open Inference Protocol's repository extension)."""
 
     name: str
-    version: str
+    version: str | None  # None: a model folder without a version folder
     state: IndexState
     reason: str
 
@@ -238,7 +242,7 @@ class Loader:
             self.failures.pop((name, where.version), None)
             logger.info("loaded %s version %s from %s", name, where.version, where.folder)
         if not folders:
-            problems.append(f"{name}: no <version>/ folder")
+            problems.append(self.repository.missing_versions(name))
         await self._swap(name, serving)
         return problems
 
@@ -277,6 +281,8 @@ class Loader:
         found = await asyncio.to_thread(self._scan_for_index)
         entries = {}
         for name, folders in found.items():
+            if not folders:
+                entries[(name, None)] = IndexEntry(name, None, "UNAVAILABLE", self.repository.missing_versions(name))
             loaded = self.table.versions(name)
             for where in folders:
                 key = (name, where.version)
@@ -303,6 +309,7 @@ class Loader:
                 entries[key] = IndexEntry(served.name, served.version, "READY", reason)
         listed = []
         for name in sorted({e.name for e in entries.values()}):
-            versions = {e.version: e for e in entries.values() if e.name == name}
+            listed += [e for e in entries.values() if e.name == name and e.version is None]
+            versions = {e.version: e for e in entries.values() if e.name == name and e.version is not None}
             listed += [versions[v] for v in version_order(versions)]
         return [e for e in listed if e.state == "READY"] if ready_only else listed

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.manifest import ManifestError, folder_digest, load_manifest
+from export.manifest import MANIFEST_NAME, ManifestError, folder_digest, load_manifest
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,16 @@ class Repository:
 
     def describe(self) -> str:
         return f"model repository {self.root}" if self.root is not None else f"model folder {self.folder}"
+
+    def missing_versions(self, name: str) -> str:
+        """Why the model folder ``name`` of the repository has no version to load, and what to do about it."""
+        assert self.root is not None
+        if (self.root / name / MANIFEST_NAME).is_file():  # the commonest mistake: a model folder put in as a model
+            return (
+                f"{name}: the folder holds a model itself, not versions; a repository wants <name>/<version>/ "
+                f"folders: move its files into {name}/1/"
+            )
+        return f"{name}: no <version>/ folder"
 
     def scan(self) -> dict[str, list[VersionFolder]]:
         """Every model and its versions, oldest first.

@@ -42,7 +42,7 @@ class RepositoryIndexEntry(BaseModel):
     )
 
     name: str
-    version: str
+    version: str | None = Field(description="None for a model folder that holds no version folder (see reason).")
     state: str = Field(description="READY (served) or UNAVAILABLE.")
     reason: str = Field(description="Why it is unavailable (or why a READY version is an older load); else empty.")
 

@@ -94,13 +94,15 @@ def images() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def repository(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny 1 and 2 (valid), tiny 3 (a graph changed after export), other 1 (valid), junk 1 (manifest not JSON)."""
+    """tiny 1 and 2 (valid), tiny 3 (a graph changed after export), other 1 (valid), junk 1 (manifest not JSON),
+    flat (a model folder put in as a model, without a version folder)."""
     root = tmp_path_factory.mktemp("repository") / "models"
     add_version(model_dir, root, "tiny", "1")
     add_version(model_dir, root, "tiny", "2")
     add_broken_graph(model_dir, root, "tiny", "3")
     add_version(model_dir, root, "other", "1")
     add_broken_manifest(model_dir, root, "junk", "1")
+    shutil.copytree(model_dir, root / "flat")
     return root
 
 
@@ -167,11 +169,18 @@ def test_a_repository_without_a_valid_model_refuses_to_start(model_dir: Path, tm
     assert returncode == 1 and "has no model that can be served (junk 1:" in line
 
 
+def test_a_model_folder_put_in_as_a_model_is_refused_with_the_layout_to_use(model_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(model_dir, tmp_path / "models" / "ride4")
+    returncode, log = start_and_fail(tmp_path / "models", tmp_path / "server.log")
+    (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+    assert returncode == 1 and "a repository wants <name>/<version>/ folders: move its files into ride4/1/" in line
+
+
 def test_it_starts_with_the_valid_versions_and_reports_the_others(repo_server: ServerProcess) -> None:
     index = httpx.post(f"{repo_server.url}/v2/repository/index", headers=ADMIN)
     assert index.status_code == 200
     entries = {(e["name"], e["version"]): e for e in index.json()}
-    assert set(entries) == {("tiny", "1"), ("tiny", "2"), ("tiny", "3"), ("other", "1"), ("junk", "1")}
+    assert set(entries) == {("tiny", "1"), ("tiny", "2"), ("tiny", "3"), ("other", "1"), ("junk", "1"), ("flat", None)}
     assert all(set(e) == {"name", "version", "state", "reason"} for e in entries.values())
     for ready in (("tiny", "1"), ("tiny", "2"), ("other", "1")):
         assert entries[ready]["state"] == "READY" and entries[ready]["reason"] == ""
@@ -180,10 +189,13 @@ def test_it_starts_with_the_valid_versions_and_reports_the_others(repo_server: S
         and "expert_2.onnx has sha256" in entries[("tiny", "3")]["reason"]
     )
     assert entries[("junk", "1")]["state"] == "UNAVAILABLE" and "manifest" in entries[("junk", "1")]["reason"]
+    assert entries[("flat", None)]["state"] == "UNAVAILABLE"
+    assert entries[("flat", None)]["reason"].endswith("move its files into flat/1/")
     ready_only = httpx.post(f"{repo_server.url}/v2/repository/index", headers=ADMIN, json={"ready": True}).json()
     assert {(e["name"], e["version"]) for e in ready_only} == {("tiny", "1"), ("tiny", "2"), ("other", "1")}
     log = repo_server.log()
     assert "not serving junk version 1" in log and "not serving tiny version 3" in log
+    assert "not serving flat: the folder holds a model itself, not versions" in log
     # Every loaded version is listed, and carried by ride_model_info; the broken ones are not.
     listed = httpx.get(f"{repo_server.url}/v2/models").json()
     assert listed == {
