@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from export.manifest import ManifestError, folder_digest
+from service.admin_auth import required_token
 from service.api import create_app
 from service.cpu_quota import available_cpus, cgroup_cpu_limit
 from service.cuda_info import read_cuda_info
@@ -104,6 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected = f", validation compute {serving.point.relative_compute:.3f}" if serving.point is not None else ""
         logger.info("serving threshold %.6g (from %s%s)", serving.threshold, serving.source, expected)
     logger.info("default model (the unnamed routes): %s", state.table.default_name)
+    if settings.admin_routes:
+        if required_token(settings) is None:
+            logger.warning(
+                "admin routes are on (RIDE_ADMIN_ROUTES) without a token: anyone who reaches %s:%d may load and "
+                "unload models and move the operating point; set RIDE_ADMIN_TOKEN (or RIDE_API_KEY)",
+                settings.host,
+                settings.port,
+            )
+        else:
+            logger.info("admin routes are on, behind the bearer token")
     if any(served.model.provider == CUDA for served in state.table.all_versions()):
         logger.info("CUDA: %s", read_cuda_info(cuda_build_version()).describe())
     server = build_server(app, settings)

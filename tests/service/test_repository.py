@@ -194,6 +194,7 @@ def test_it_starts_with_the_valid_versions_and_reports_the_others(repo_server: S
     ready_only = httpx.post(f"{repo_server.url}/v2/repository/index", headers=ADMIN, json={"ready": True}).json()
     assert {(e["name"], e["version"]) for e in ready_only} == {("tiny", "1"), ("tiny", "2"), ("other", "1")}
     log = repo_server.log()
+    assert "admin routes are on, behind the bearer token" in log and "without a token" not in log
     assert "not serving junk version 1" in log and "not serving tiny version 3" in log
     assert "not serving flat: the folder holds a model itself, not versions" in log
     # Every loaded version is listed, and carried by ride_model_info; the broken ones are not.
@@ -409,6 +410,7 @@ def test_five_reloads_under_load_fail_no_request(model_dir: Path, tmp_path: Path
         root, tmp_path / "server.log", flag="--model-repository", RIDE_ADMIN_ROUTES="true", RIDE_PROVIDER="cpu"
     )
     admin = httpx.Client(base_url=server.url, timeout=120)
+    assert "admin routes are on (RIDE_ADMIN_ROUTES) without a token: anyone who reaches" in server.log()
 
     def sighup() -> None:
         rescans = server.log().count("rescan done")
