@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.checkpoint import CheckpointError, CheckpointMeta, load_meta
+from training.config import ConfigError
 from training.metrics import AccuracyMetrics, CheckpointMetrics
 
 GROUPS = ("many", "medium", "few")
@@ -137,9 +138,13 @@ def plot_comparison(path: Path, runs: list[Run]) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as error:  # an unwritable place, or a suffix matplotlib has no format for
+        raise ConfigError(f"cannot write the plot {path}: {error}") from None
+    finally:
+        plt.close(fig)
 
 
 def compare(folders: list[Path], baseline: Path | None = None, plot: Path | None = None) -> str:
@@ -148,6 +153,7 @@ def compare(folders: list[Path], baseline: Path | None = None, plot: Path | None
 
     Raises:
         CheckpointError: a folder without an evaluated checkpoint, or runs not comparable.
+        ConfigError: the plot cannot be written there.
     """
     runs = [load_run(folder) for folder in folders]
     base = None

@@ -69,3 +69,13 @@ def test_runs_on_other_data_are_not_compared(
     error = capsys.readouterr().err
     assert "not comparable: other-split" in error
     assert not plot.exists()
+
+
+def test_a_plot_that_cannot_be_written_is_one_error_line(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    for plot in (tmp_path / "a-file" / "compare.png", tmp_path / "compare.unknown-format"):
+        assert main(["compare", str(tiny_checkpoint), "--plot", str(plot)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: cannot write the plot {plot}:") and "Traceback" not in error
