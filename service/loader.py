@@ -225,7 +225,7 @@ class Loader:
         problems = []
         for where in folders:
             old = current.get(where.version)
-            digest = fingerprint(where.folder)
+            digest = await asyncio.to_thread(fingerprint, where.folder)  # reads every manifest: not on the loop
             if old is not None and digest is not None and old.fingerprint == digest:
                 serving[where.version] = old
                 continue
@@ -267,18 +267,15 @@ class Loader:
         self._on_swap()
         await asyncio.gather(*(old.retire(self.settings.shutdown_timeout_s) for old in removed))
 
-    def _scan_for_index(self) -> dict[str, list[VersionFolder]]:
-        try:
-            return self.repository.scan()
-        except (ManifestError, OSError) as error:
-            logger.warning("index: cannot read %s: %s", self.repository.describe(), error)
-            return {}
-
     async def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version in the repository, and every one served, with its state and why. The folders are
         read in a worker thread (a repository on network storage must not stall the requests being served); the
         table is read on the event loop, where it changes."""
-        found = await asyncio.to_thread(self._scan_for_index)
+        try:
+            found = await asyncio.to_thread(self._scan)
+        except LoadFailedError as error:  # the index still lists what is served
+            logger.warning("index: %s", error)
+            found = {}
         entries = {}
         for name, folders in found.items():
             if not folders:
@@ -288,11 +285,9 @@ class Loader:
                 key = (name, where.version)
                 failure = self.failures.get(key)
                 if where.version in loaded:
-                    reason = (
-                        f"its folder changed and the reload failed ({failure}): the previous load serves"
-                        if (failure)
-                        else ""
-                    )
+                    reason = ""
+                    if failure:
+                        reason = f"its folder changed and the reload failed ({failure}): the previous load serves"
                     entries[key] = IndexEntry(name, where.version, "READY", reason)
                 elif name in self.unloaded:
                     entries[key] = IndexEntry(name, where.version, "UNAVAILABLE", "unloaded")
