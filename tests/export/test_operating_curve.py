@@ -11,7 +11,7 @@ import pytest
 
 from cascade import run_cascade
 from export.__main__ import main
-from export.build import add_curve_to_folder
+from export.build import add_curve_to_folder, export_checkpoint
 from export.manifest import MANIFEST_NAME, ManifestError, load_manifest, validate_manifest_dict
 from export.ort_model import OrtModel
 from tests.export.conftest import copy_folder
@@ -102,3 +102,24 @@ def test_export_curve_refuses_another_runs_data(model_dir: Path, cifar10_dir: Pa
     err = capsys.readouterr().err
     assert err.startswith("error:") and "training counts" in err
     assert (folder / MANIFEST_NAME).read_bytes() == before
+
+
+def test_a_validation_split_carved_by_stage_2_gets_its_curve(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Stage 1 trained on every image (no validation split, as the reference recipe); stage 2 carved its split out
+    of them. The export must rebuild that split (the model's training counts include it) and store its curve:
+    it stored none, and the service then had no compute budgets for the model."""
+    from tests.conftest import one_torch_thread, tiny_config_dict
+    from training.config import config_from_dict
+    from training.route import route_checkpoint
+    from training.train import train
+
+    raw = tiny_config_dict(tiny_data_dir, tmp_path / "cache")
+    raw["data"]["val_per_class"] = 0
+    with one_torch_thread(), pytest.warns(UserWarning, match="part of stage 1's training set"):
+        stage1 = train(config_from_dict(raw), out=tmp_path / "stage1")
+        routed = route_checkpoint(stage1, overrides=["data.val_per_class=3"], out=tmp_path / "routed", progress=False)
+    result = export_checkpoint(routed, tmp_path / "model", num_images=16)
+    curve = result.manifest.operating_curve
+    assert curve is not None and curve.num_images == 30  # 3 per class, the split stage 2 chose its threshold on
+    meta, _ = load_checkpoint(routed)
+    assert [c.train_count for c in result.manifest.classes] == meta.class_counts  # stage 1's, validation included
