@@ -46,7 +46,7 @@ def load_splits(
     data = load_data(data_cfg, data_dir, progress=False)
     if data.class_names != class_names:
         raise DataError(f"the data's classes {data.class_names[:5]}... differ from the model's {class_names[:5]}...")
-    if data.class_counts != class_counts and _with_validation(data) != class_counts:
+    if data.class_counts != class_counts and data.sampled_counts != class_counts:
         raise DataError(
             f"the data config gives training counts {data.class_counts}, but the model was trained on "
             f"{class_counts}: use the run's own data settings (data.imbalance_factor, data.val_per_class, ...)"
@@ -57,15 +57,6 @@ def load_splits(
             "it never uses test images"
         )
     return data
-
-
-def _with_validation(data: LongTailData) -> list[int]:
-    """Training images per class counting the validation split: what stage 1 trained on when stage 2 carved its
-    validation split out of stage 1's training set (`training.route_plan`: a stage 1 run without one)."""
-    if data.val is None:
-        return data.class_counts
-    val_counts = np.bincount(data.val.labels.numpy(), minlength=len(data.class_counts))
-    return [int(n) for n in np.asarray(data.class_counts) + val_counts]
 
 
 def evenly_spaced(total: int, count: int) -> np.ndarray:

@@ -43,6 +43,15 @@ class LongTailData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def sampled_counts(self) -> list[int]:
+        """Images per class the long-tail sampler kept, the validation split included: what a stage 1 run without
+        a validation split trained on when stage 2 carves its split out of it (`training.route_plan`)."""
+        if self.val is None:
+            return self.class_counts
+        val_counts = np.bincount(self.val.labels.numpy(), minlength=self.num_classes)
+        return [int(n) for n in np.asarray(self.class_counts) + val_counts]
+
 
 def class_groups(class_counts: list[int], many_shot_above: int = 100, few_shot_below: int = 20) -> list[str]:
     """'many', 'medium' or 'few' per class from training counts, with the reference's boundaries (trap 2)."""
